@@ -1,0 +1,236 @@
+"""The adapter: frozen factors per target, tied trainable v, and forward hooks on the base model.
+
+    W' = W + s · U Σ R Vᵀ,   R = Σ_i v_i P_i            (tinylora: P [u, r, r] ~ N(0, 1), s = 1/√u)
+    lora-xs is the same code with P = the standard basis of r×r matrices (v is R itself), s = 1.
+    lora: W' = W + s · B A (A [r, in] Kaiming-uniform, B [out, r] zero), s = alpha / r.
+
+Hooks add the low-rank term to each target's output, so module names (and `save_pretrained`,
+PEFT export, merging) stay those of the plain model; `detach()` removes every trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import sys
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import AdapterConfig
+from .plan import Target, find_targets, tie_groups, trainable_count
+from .svd import cached_svd, weight_digest
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, module name): P is regenerated, never stored."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def projections(config: AdapterConfig, name: str) -> torch.Tensor:
+    """The fixed P [k, r, r] of one module (k = u for tinylora, r² for lora-xs)."""
+    r = config.r
+    if config.method == "lora-xs":
+        return torch.eye(r * r).view(r * r, r, r)
+    g = torch.Generator().manual_seed(module_seed(config.seed, name))
+    return torch.randn(config.u, r, r, generator=g, dtype=torch.float32)
+
+
+class Factors(nn.Module):
+    """Frozen per-module tensors. Buffers, so `.to(device)` moves them and autograd skips them."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for k, t in tensors.items():
+            self.register_buffer(k, t, persistent=False)
+
+
+class Adapter(nn.Module):
+    def __init__(self, model: nn.Module, config: AdapterConfig, *, progress: bool | None = None,
+                 use_cache: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = [model]  # a list, so the base model is not registered as our submodule
+        self.targets: list[Target] = [] if config.method in ("full", "frozen") else find_targets(model, config.targets)
+        self.groups = tie_groups(self.targets, config)
+        self.group_of = [0] * len(self.targets)
+        for g, members in enumerate(self.groups):
+            for i in members:
+                self.group_of[i] = g
+        self.merged = False
+        self.enabled = True
+        self._row_v: torch.Tensor | None = None  # [batch, n_groups, k] while an AdapterBank drives us
+        self._hooks = []
+        self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
+        device = self.modules_by_index[0].weight.device if self.targets else torch.device("cpu")
+
+        for p in model.parameters():
+            p.requires_grad_(config.method == "full")
+
+        self.digests = []
+        self.factors = nn.ModuleList()
+        show = sys.stderr.isatty() if progress is None else progress
+        svd_methods = config.method in ("tinylora", "lora-xs")
+        for t, mod in zip(tqdm(self.targets, desc=f"{'SVD' if svd_methods else 'hash'} of {len(self.targets)} "
+                               "weights", disable=not show, unit="mat"), self.modules_by_index):
+            digest = weight_digest(mod.weight)
+            self.digests.append(digest)
+            if svd_methods:
+                U, S, V = cached_svd(mod.weight, config.r, config.svd, digest, use_cache)
+                self.factors.append(Factors(U=U, S=S, V=V, P=projections(config, t.name)).to(device))
+            elif config.method == "lora":
+                self.factors.append(Factors())
+
+        if svd_methods:
+            v_dtype = _DTYPES[config.v_dtype]
+            # one tensor for all groups: a single optimizer entry and a single tensor in the file
+            self.v = nn.Parameter(torch.zeros(len(self.groups), config.numbers_per_group, dtype=v_dtype,
+                                              device=device))  # [n_groups, k]
+        elif config.method == "lora":
+            self.lora_A = nn.ParameterList()
+            self.lora_B = nn.ParameterList()
+            for t in self.targets:
+                out_f, in_f = t.shape
+                A = torch.empty(config.r, in_f)
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5),
+                                         generator=torch.Generator().manual_seed(module_seed(config.seed, t.name)))
+                self.lora_A.append(nn.Parameter(A.to(device)))
+                self.lora_B.append(nn.Parameter(torch.zeros(out_f, config.r, device=device)))
+        for i, mod in enumerate(self.modules_by_index):
+            self._hooks.append(mod.register_forward_hook(self._make_hook(i)))
+
+    # ---- the math ---------------------------------------------------------------------------
+    def R(self, i: int) -> torch.Tensor:
+        """s·R of module i: [r, r], or [batch, r, r] when rows use different adapters."""
+        f, g = self.factors[i], self.group_of[i]
+        if self._row_v is not None:
+            return self.config.scale * torch.einsum("bk,kij->bij", self._row_v[:, g].float(), f.P)
+        return self.config.scale * torch.einsum("k,kij->ij", self.v[g].float(), f.P)
+
+    def delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x for module i without forming ΔW; x [..., in] → [..., out]."""
+        if self.config.method == "lora":
+            A, B = self.lora_A[i], self.lora_B[i]
+            return self.config.scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
+        f = self.factors[i]
+        h = x @ f.V.to(x.dtype)  # [..., r]
+        R = self.R(i).to(x.dtype)
+        if R.dim() == 2:
+            h = h @ R.T  # [..., r]
+        else:  # per-row adapters: x is [batch, seq, in]
+            if R.shape[0] != h.shape[0]:  # generate() may expand rows (num_return_sequences)
+                R = R.repeat_interleave(h.shape[0] // R.shape[0], dim=0)
+            h = torch.einsum("bsk,bjk->bsj", h, R)  # [batch, seq, r]
+        return (h * f.S.to(x.dtype)) @ f.U.to(x.dtype).T  # [..., out]
+
+    def delta_weight(self, i: int) -> torch.Tensor:
+        """ΔW of module i in float32 [out, in] (for merging and export)."""
+        if self.config.method == "lora":
+            return self.config.scale * (self.lora_B[i].float() @ self.lora_A[i].float())
+        f = self.factors[i]
+        return (f.U * f.S) @ self.R(i) @ f.V.T
+
+    def _make_hook(self, i: int):
+        def hook(module, args, output):
+            if self.merged or not self.enabled:
+                return output
+            return output + self.delta_output(i, args[0])
+        return hook
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model[0]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.config.method == "full":
+            return [p for p in self.base_model.parameters()]
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        total = sum(p.numel() for p in self.base_model.parameters())
+        return trainable_count(self.targets, self.config, total)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that is trained, by stable names: what an adapter file holds."""
+        m = self.config.method
+        if m in ("tinylora", "lora-xs"):
+            return {"v": self.v.detach()}
+        if m == "lora":
+            state = {}
+            for t, A, B in zip(self.targets, self.lora_A, self.lora_B):
+                state[f"{t.name}.lora_A"] = A.detach()
+                state[f"{t.name}.lora_B"] = B.detach()
+            return state
+        if m == "full":
+            return {k: v.detach() for k, v in self.base_model.state_dict().items()}
+        return {}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state()
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"adapter tensors do not fit this adapter: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        for k, t in state.items():
+            if t.shape != own[k].shape:
+                raise ValueError(f"tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+            own[k].copy_(t.to(own[k].dtype))
+
+    # ---- merge ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weights in place (fast generation); the hooks go quiet."""
+        if self.merged or self.config.method in ("full", "frozen"):
+            self.merged = self.config.method not in ("full", "frozen")
+            return
+        for i, mod in enumerate(self.modules_by_index):
+            W = mod.weight
+            W.copy_((W.float() + self.delta_weight(i).to(W.device)).to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW again. Exact up to one rounding of the weight dtype per merge/unmerge pair."""
+        if not self.merged:
+            return
+        for i, mod in enumerate(self.modules_by_index):
+            W = mod.weight
+            W.copy_((W.float() - self.delta_weight(i).to(W.device)).to(W.dtype))
+        self.merged = False
+
+    @contextlib.contextmanager
+    def merged_weights(self):
+        self.merge()
+        try:
+            yield self
+        finally:
+            self.unmerge()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the base model (v = 0) without touching v: the reference policy for a KL term."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
+
+    def detach(self) -> nn.Module:
+        """Unmerge, remove the hooks and give back the plain base model."""
+        self.unmerge()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        return self.base_model
+
+
+def attach(model: nn.Module, config: AdapterConfig | None = None, **kwargs) -> Adapter:
+    """Make `model` a TinyLoRA model: the returned Adapter owns the only trainable tensors."""
+    return Adapter(model, config or AdapterConfig(), **kwargs)

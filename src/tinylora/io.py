@@ -1,0 +1,121 @@
+"""The adapter file: one safetensors file holding the trained tensors (v) and JSON metadata.
+
+13 fp32 parameters make a file of well under 1 KB: P is regenerated from the seed and U, Σ, V from
+the base weights, so neither is stored. A compact fingerprint of the base (target count, shapes per
+module type, a hash of names and shapes, the weights' Frobenius norm and byte hash) turns loading
+onto the wrong model into a clear error instead of silent garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .adapter import Adapter, attach
+from .config import AdapterConfig
+
+FORMAT = "tinylora-adapter"
+FORMAT_VERSION = "1"
+NORM_RTOL = 1e-4  # bf16 vs fp32 copies of one model agree to ~1e-6; different fine-tunes do not
+
+
+def fingerprint(adapter: Adapter) -> dict:
+    kinds: dict[str, list] = {}
+    for t in adapter.targets:
+        shapes = kinds.setdefault(t.kind, [])
+        if list(t.shape) not in shapes:
+            shapes.append(list(t.shape))
+    names = "\n".join(f"{t.name}:{t.shape}" for t in adapter.targets)
+    weights = adapter.modules_by_index
+    norm = math.sqrt(sum(float(m.weight.detach().double().pow(2).sum()) for m in weights))
+    return {
+        "n": len(adapter.targets),
+        "shapes": {k: v[0] if len(v) == 1 else v for k, v in kinds.items()},
+        "names": hashlib.sha256(names.encode()).hexdigest()[:12],
+        "norm": float(f"{norm:.8g}"),
+        "bytes": hashlib.sha256("".join(adapter.digests).encode()).hexdigest()[:12],
+    }
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """Write the adapter atomically (a crash never leaves half a file under `path`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.trainable_state().items()}
+    base = getattr(getattr(adapter.base_model, "config", None), "_name_or_path", "") or ""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tinylora": __version__,
+            "config": adapter.config.to_json(), "base": base,
+            "fingerprint": json.dumps(fingerprint(adapter), separators=(",", ":"))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
+    """Parse and validate a file without a model: (config, metadata, tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncation and bad headers
+        raise ValueError(f"{path}: not a readable safetensors adapter (truncated or corrupted?): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tinylora adapter (metadata 'format' is {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: adapter format version {meta.get('format_version')!r} is not supported "
+                         f"(this tinylora reads version {FORMAT_VERSION})")
+    try:
+        config = AdapterConfig.from_json(meta["config"])
+        meta["fingerprint"] = json.loads(meta["fingerprint"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: adapter metadata is damaged: {e}") from e
+    for k, t in tensors.items():
+        if not torch.isfinite(t.float()).all():
+            raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values")
+    return config, meta, tensors
+
+
+def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = True) -> None:
+    problems = []
+    if expected["n"] != actual["n"]:
+        problems.append(f"the file was made for {expected['n']} target modules, this model has {actual['n']}")
+    for kind in sorted(set(expected["shapes"]) | set(actual["shapes"])):
+        e, a = expected["shapes"].get(kind), actual["shapes"].get(kind)
+        if e != a:
+            problems.append(f"{kind}: file expects shape {e}, model has {a}")
+    if not problems and expected["names"] != actual["names"]:
+        problems.append("target module names differ (same shapes, different model layout)")
+    if not problems and abs(expected["norm"] - actual["norm"]) > NORM_RTOL * max(abs(expected["norm"]), 1e-12):
+        problems.append(f"the targeted weights differ (Frobenius norm {expected['norm']:.6g} in the file, "
+                        f"{actual['norm']:.6g} in this model): a different checkpoint of this architecture?")
+    if problems:
+        msg = f"{source} does not fit this base model: " + "; ".join(problems)
+        if strict:
+            raise ValueError(msg + ". Pass strict=False (--no-strict) to load anyway.")
+        warnings.warn(msg)
+    elif expected["bytes"] != actual["bytes"]:
+        warnings.warn(f"{source}: base weights match in value but not byte for byte (another dtype?)")
+
+
+def load_adapter(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, **kwargs) -> Adapter:
+    """Attach the adapter stored in `path` to `model` (its base) and load its trained tensors."""
+    config, meta, tensors = read_adapter_file(path)
+    adapter = attach(model, config, **kwargs)
+    check_fingerprint(meta["fingerprint"], fingerprint(adapter), str(path), strict)
+    adapter.load_trainable_state(tensors)
+    return adapter

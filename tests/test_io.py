@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+from tinylora import AdapterConfig, attach, load_adapter, read_adapter_file, save_adapter
+from tinylora.testing import tiny_model
+
+
+def trained(arch="qwen2", config=None, seed=0):
+    model = tiny_model(arch)
+    adapter = attach(model, config or AdapterConfig(u=1, n_tie=2))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.3)
+    return model, adapter
+
+
+@pytest.mark.parametrize("v_dtype", ["fp32", "bf16", "fp16"])
+def test_round_trip(tmp_path, ids, v_dtype):
+    model, adapter = trained(config=AdapterConfig(u=2, n_tie=3, v_dtype=v_dtype, tie="structured", seed=7))
+    out = model(ids).logits
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    fresh = tiny_model("qwen2")
+    loaded = load_adapter(fresh, path)
+    assert loaded.config == adapter.config
+    assert loaded.v.dtype == adapter.v.dtype and torch.equal(loaded.v, adapter.v)
+    assert torch.equal(fresh(ids).logits, out)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-xs"])
+def test_round_trip_other_methods(tmp_path, ids, method):
+    model, adapter = trained(config=AdapterConfig(method=method, r=2))
+    out = model(ids).logits
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    fresh = tiny_model("qwen2")
+    load_adapter(fresh, path)
+    assert torch.equal(fresh(ids).logits, out)
+
+
+def test_thirteen_fp32_parameters_fit_in_under_1kb(tmp_path):
+    # 28 layers x 7 modules = 196, as in Qwen2.5-7B: u=1, n_tie=16 -> 13 numbers
+    model = tiny_model("qwen2", num_hidden_layers=28, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                       num_key_value_heads=1)
+    adapter = attach(model, AdapterConfig(u=1, n_tie=16))
+    assert adapter.num_trainable() == 13
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    size = path.stat().st_size
+    assert size < 1024, size
+    config, meta, tensors = read_adapter_file(path)
+    assert sum(t.numel() for t in tensors.values()) == 13
+    assert meta["tinylora"] and meta["fingerprint"]["n"] == 196
+
+
+def test_wrong_base_is_a_clear_error(tmp_path):
+    _, adapter = trained("qwen2")
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit.*q_proj: file expects shape"):
+        load_adapter(tiny_model("qwen2", hidden_size=48), path)
+    with pytest.raises(ValueError, match=r"does not fit.*3 target modules|21 target modules"):
+        load_adapter(tiny_model("qwen2", num_hidden_layers=2), path)
+    with pytest.raises(ValueError, match="targeted weights differ"):
+        load_adapter(tiny_model("qwen2", seed=123), path)  # same shapes, other weights
+    with pytest.warns(UserWarning, match="targeted weights differ"):
+        load_adapter(tiny_model("qwen2", seed=123), path, strict=False)
+
+
+def test_same_base_in_another_dtype_loads_with_a_warning(tmp_path):
+    _, adapter = trained("llama")
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    model = tiny_model("llama").to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="byte for byte"):
+        load_adapter(model, path)
+
+
+def test_truncated_and_corrupted_files(tmp_path):
+    _, adapter = trained()
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) - 10])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_adapter_file(tmp_path / "t.safetensors")
+    (tmp_path / "g.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_adapter_file(tmp_path / "g.safetensors")
+    with pytest.raises(FileNotFoundError):
+        read_adapter_file(tmp_path / "missing.safetensors")
+
+
+def test_foreign_and_damaged_metadata(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "peft.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a tinylora adapter"):
+        read_adapter_file(tmp_path / "peft.safetensors")
+    meta = {"format": "tinylora-adapter", "format_version": "1", "config": json.dumps({"method": "x"}),
+            "fingerprint": "{}"}
+    save_file({"v.0": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="metadata is damaged.*method"):
+        read_adapter_file(tmp_path / "bad.safetensors")
+    meta["config"] = AdapterConfig().to_json()
+    save_file({"v.0": torch.tensor([float("nan")])}, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="NaN"):
+        read_adapter_file(tmp_path / "nan.safetensors")
+
+
+def test_no_pickle_in_package():
+    import pathlib
+
+    import tinylora
+    src = pathlib.Path(tinylora.__file__).parent
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, f
