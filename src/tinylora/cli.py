@@ -1,24 +1,26 @@
-"""The `tinylora` command: count, info, export, merge."""
+"""The `tinylora` command: train, eval, count, info, export, merge."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 from .config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
 
 
-def add_adapter_args(p: argparse.ArgumentParser) -> None:
+def add_adapter_args(p: argparse.ArgumentParser, n_tie: str = "1", seed: bool = True) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--method", choices=METHODS, default="tinylora", help="what is trained (default: tinylora)")
     g.add_argument("--r", type=int, default=2, help="frozen SVD rank, or LoRA rank (default: 2)")
     g.add_argument("--u", type=int, default=1, help="tinylora: trainable numbers per tied group (default: 1)")
-    g.add_argument("--n-tie", default="1", help="modules sharing one v, or 'all' (default: 1)")
+    g.add_argument("--n-tie", default=n_tie, help=f"modules sharing one v, or 'all' (default: {n_tie})")
     g.add_argument("--tie", choices=TIE_MODES, default="tiled", help="how modules are grouped (default: tiled)")
     g.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS),
                    help="module-name suffixes, or one regex on full names (default: the 7 projections)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the fixed random projections P (default: 0)")
+    if seed:  # `train` has one --seed for everything
+        g.add_argument("--seed", type=int, default=0, help="seed of the fixed random projections P (default: 0)")
     g.add_argument("--v-dtype", choices=V_DTYPES, default="fp32", help="dtype of v (default: fp32)")
     g.add_argument("--svd", choices=SVD_MODES, default="full", help="SVD algorithm (default: full)")
 
@@ -27,6 +29,11 @@ def adapter_config(args) -> AdapterConfig:
     targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
     return AdapterConfig(method=args.method, r=args.r, u=args.u, n_tie=args.n_tie, tie=args.tie,
                          targets=targets, seed=args.seed, v_dtype=args.v_dtype, svd=args.svd)
+
+
+def cmd_train(args) -> None:
+    from .run import run_training
+    run_training(args)
 
 
 def cmd_count(args) -> None:
@@ -62,9 +69,95 @@ def cmd_export(args) -> None:
     print(f"wrote {args.format} export to {out}")
 
 
+def add_task_args(p: argparse.ArgumentParser, default_n: int) -> None:
+    from .embedded import DEFAULT_MODEL
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder or hub id (default: {DEFAULT_MODEL}, embedded, offline)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (default: fp32)")
+    g.add_argument("--task", default="arithmetic",
+                   help="'arithmetic' (generated offline), 'gsm8k', or a .jsonl file (default: arithmetic)")
+    g.add_argument("--data", help="your own .jsonl file of {question, answer} rows (same as --task FILE)")
+    g.add_argument("--gsm8k-dir", help="folder with GSM8K train.jsonl/test.jsonl (else $TINYLORA_GSM8K_DIR, "
+                                       "else the hub)")
+    g.add_argument("--levels", default="1,2", help="arithmetic difficulty levels 1-3 (default: 1,2)")
+    g.add_argument("--n", type=int, default=default_n, help=f"problems to use (default: {default_n})")
+
+
+def task_problems(args, split: str, n: int | None, seed: int = 0):
+    from .tasks import load_task
+    task = args.data or args.task
+    kwargs = {}
+    if task == "arithmetic":
+        kwargs["levels"] = tuple(int(x) for x in args.levels.split(","))
+    elif task == "gsm8k":
+        kwargs["data_dir"] = args.gsm8k_dir
+    return load_task(task, split=split, n=n, seed=seed, **kwargs)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+    from .io import load_adapter
+    from .models import load_model
+    model, tokenizer = load_model(args.model, args.dtype)
+    adapter = load_adapter(model, args.adapter, strict=not args.no_strict) if args.adapter else None
+    problems = task_problems(args, args.split, args.n)
+    result = evaluate(model, tokenizer, problems, adapter=adapter, greedy=args.samples is None,
+                      samples=args.samples or 1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      batch_size=args.batch_size, reward=args.reward, out_jsonl=args.out, seed=args.seed,
+                      progress=not args.json)
+    result.update(model=args.model, adapter=args.adapter, task=args.data or args.task, split=args.split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        lo, hi = result["ci95"]
+        print(f"accuracy {result['accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}, {result['n_samples']} samples"
+              f" of {result['n_problems']} problems, reward {args.reward})")
+        if args.out:
+            print(f"per-sample results: {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
     parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with GRPO (or SFT); with no arguments, the embedded default run",
+                       description="Evaluate the base model, train, evaluate again, write the adapter and a summary.")
+    add_task_args(p, default_n=2000)
+    add_adapter_args(p, n_tie="16", seed=False)
+    g = p.add_argument_group("training")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            g.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"{f.metadata['help']} (default: {f.default!r})")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    g.add_argument("--eval-n", type=int, default=100, help="held-out problems evaluated before and after (0: skip)")
+    g.add_argument("--eval-batch-size", type=int, default=50, help="sequences generated together in evaluation")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy (95% CI) of a model, with or without an adapter")
+    add_task_args(p, default_n=100)
+    p.add_argument("--adapter", help="adapter .safetensors file (default: the base model)")
+    p.add_argument("--split", default="test", help="'train' or 'test' (default: test)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="one greedy completion per problem (default)")
+    mode.add_argument("--samples", type=int, help="k sampled completions per problem (reports pass@k too)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --samples")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="completion length limit (default: 48)")
+    p.add_argument("--batch-size", type=int, default=50, help="sequences generated together (default: 50)")
+    p.add_argument("--reward", choices=["strict", "boxed"], default="strict", help="answer rule (default: strict)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", help="write one JSON line per sample here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-strict", action="store_true", help="load the adapter even if the base fingerprint differs")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
     p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder or config.json")
@@ -100,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tinylora {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -63,7 +63,7 @@ class AdapterConfig:
         return self.u if self.method == "tinylora" else self.r * self.r
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "AdapterConfig":

@@ -10,6 +10,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def load_model(name_or_path: str, dtype: str = "fp32", device: str = "cpu"):
     """(model, tokenizer) from a transformers model folder or hub id, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import DEFAULT_MODEL, ensure_default_model
+    if name_or_path == DEFAULT_MODEL:
+        name_or_path = str(ensure_default_model())
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)

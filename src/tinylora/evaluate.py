@@ -1,0 +1,66 @@
+"""Evaluation: accuracy with a 95% Wilson interval, and one JSONL row per sample."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .rewards import REWARDS
+from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample
+from .tasks import Problem
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
+             max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
+             suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
+             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval") -> dict:
+    """Score `problems` (greedy, or `samples` sampled completions each); adapter merged while generating."""
+    reward_fn, extract = REWARDS[reward]
+    k = 1 if greedy else samples
+    items = [(i, p) for i, p in enumerate(problems) for _ in range(k)]
+    rows = []
+    ctx = adapter.merged_weights() if adapter is not None else _null()
+    with ctx:
+        for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
+            chunk = items[start:start + batch_size]
+            prompts = chat_prompts(tokenizer, [p.question for _, p in chunk], suffix, system)
+            ro = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        greedy=greedy, seed=seed + start, with_logprobs=False)
+            for (i, p), prompt, completion in zip(chunk, prompts, ro.completions):
+                rows.append({"index": i, "prompt": prompt, "completion": completion,
+                             "extracted": extract(completion), "gold": p.answer,
+                             "correct": bool(reward_fn(completion, p.answer))})
+    n = len(rows)
+    correct = sum(r["correct"] for r in rows)
+    lo, hi = wilson_interval(correct, n)
+    result = {"accuracy": correct / max(n, 1), "ci95": [lo, hi], "n_problems": len(problems), "n_samples": n,
+              "samples_per_problem": k, "greedy": greedy, "reward": reward}
+    if k > 1:
+        solved = {r["index"] for r in rows if r["correct"]}
+        result["pass_at_k"] = len(solved) / max(len(problems), 1)
+    if out_jsonl:
+        Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_jsonl, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,31 @@
+"""Tasks: where problems come from. Each yields Problem(question, answer, solution)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # the gold final answer, e.g. "42"
+    solution: str = ""  # a worked solution ending in "#### <answer>" (used by SFT)
+
+
+TASKS = ("arithmetic", "gsm8k", "jsonl")
+
+
+def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, **kwargs) -> list[Problem]:
+    """Problems of a task: 'arithmetic' (generated offline), 'gsm8k' (hub or local folder), or a .jsonl path."""
+    if name == "arithmetic":
+        from .arithmetic import generate
+        return generate(n or 1000, seed=seed + (0 if split == "train" else 10_000), **kwargs)
+    if name == "gsm8k":
+        from .gsm8k import load_gsm8k
+        problems = load_gsm8k(split, **kwargs)
+    elif name.endswith(".jsonl"):
+        from .jsonl import load_jsonl
+        problems = load_jsonl(name)
+    else:
+        raise ValueError(f"unknown task {name!r}: expected one of 'arithmetic', 'gsm8k', or a path to a .jsonl file")
+    return problems[:n] if n else problems

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from tinylora.cli import main
+from tinylora.testing import tiny_model_and_tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model, tok = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", model_dir, "--steps", "3", "--batch-prompts", "2", "--group-size", "4",
+            "--max-new-tokens", "6", "--eval-n", "6", "--n", "20", "--n-tie", "all", "--u", "2", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "2 parameters" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] == 2 and summary["steps"] == 3
+    assert summary["adapter_bytes"] < 1024
+    assert summary["base_eval"]["n_samples"] == 6 and len(summary["final_eval"]["ci95"]) == 2
+    for name in ("adapter.safetensors", "checkpoint.safetensors", "metrics.jsonl", "reward.png",
+                 "eval_base.jsonl", "eval_final.jsonl"):
+        assert (out / name).is_file(), name
+    row = json.loads((out / "eval_final.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"prompt", "completion", "extracted", "gold", "correct"}
+    # resuming a finished run trains nothing more and keeps the adapter
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+    assert main(["eval", "--model", model_dir, "--adapter", str(out / "adapter.safetensors"), "--n", "5",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_samples"] == 5 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1]
+    assert main(["eval", "--model", model_dir, "--n", "3", "--samples", "2", "--max-new-tokens", "4", "--json",
+                 "--out", str(tmp_path / "e.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_samples"] == 6 and "pass_at_k" in result
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 6
+
+
+def test_train_reports_bad_data_with_its_line(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1 + 1 ?", "answer": "2"}\n{"question": "x"}\n')
+    assert main(["train", "--model", model_dir, "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_sft_from_the_command_line(model_dir, tmp_path):
+    out = tmp_path / "sft"
+    assert main(["train", "--model", model_dir, "--algo", "sft", "--method", "lora-xs", "--steps", "2",
+                 "--batch-prompts", "2", "--eval-n", "0", "--n", "10", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["method"] == "lora-xs"

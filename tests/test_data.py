@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from tinylora.tasks import load_task
+from tinylora.tasks.arithmetic import generate
+from tinylora.tasks.gsm8k import load_gsm8k
+from tinylora.tasks.jsonl import load_jsonl
+
+
+def test_arithmetic_is_seeded_and_correct():
+    a, b = generate(60, seed=1), generate(60, seed=1)
+    assert a == b and a != generate(60, seed=2)
+    for p in a:
+        lines = [line for line in p.solution.splitlines() if "=" in line]
+        for line in lines:
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs)  # the worked solution is right
+        assert p.solution.endswith(f"#### {p.answer}")
+    assert {len(generate(9, levels=(3,))[0].question) > 0}
+    train, test = load_task("arithmetic", "train", 50), load_task("arithmetic", "test", 50)
+    assert not set(p.question for p in train) & set(p.question for p in test) or len(train) == 50
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:3: missing field\(s\) \['answer'\]"):
+        load_jsonl(f)
+    f.write_text('{"question": "1+1?", "answer": "2"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        load_jsonl(f)
+    f.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
+        load_jsonl(f)
+    f.write_text('{"question": "", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: .*non-empty"):
+        load_jsonl(f)
+    f.write_text("")
+    with pytest.raises(ValueError, match="no problems"):
+        load_jsonl(f)
+    with pytest.raises(FileNotFoundError):
+        load_jsonl(tmp_path / "none.jsonl")
+
+
+def test_jsonl_accepts_gsm8k_style_answers(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "3 * 4 = 12\n#### 1,200"}) + "\n"
+                 + json.dumps({"question": "r", "answer": 7}) + "\n")
+    a, b = load_jsonl(f)
+    assert a.answer == "1200" and a.solution.endswith("#### 1,200")
+    assert b.answer == "7" and b.solution == ""
+
+
+def test_gsm8k_from_local_folder(tmp_path, monkeypatch):
+    rows = [{"question": "Ann has 3 pens and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},
+            {"question": "Big?", "answer": "#### 1,000"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probs = load_gsm8k("test", data_dir=str(tmp_path))
+    assert [p.answer for p in probs] == ["5", "1000"]
+    monkeypatch.setenv("TINYLORA_GSM8K_DIR", str(tmp_path))
+    assert load_task("gsm8k", "test", n=1)[0].answer == "5"
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        load_gsm8k("train")
+    with pytest.raises(ValueError, match="splits"):
+        load_gsm8k("validation")
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("mmlu")

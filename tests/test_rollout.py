@@ -1,0 +1,50 @@
+import torch
+
+from tinylora import AdapterConfig, attach
+from tinylora.rollout import completion_mask, sample, sequence_logprobs
+from tinylora.testing import tiny_model_and_tokenizer
+
+PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44", "t50"]
+
+
+def test_greedy_sampling_equals_transformers_generate(arch):
+    model, tok = tiny_model_and_tokenizer(arch)
+    ro = sample(model, tok, PROMPTS, max_new_tokens=10, greedy=True)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    ref = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    C = ro.completion_ids.shape[1]
+    ref_c = ref[:, enc.input_ids.shape[1]:][:, :C]
+    assert torch.equal(ro.completion_ids * ro.completion_mask, ref_c * ro.completion_mask)
+
+
+def test_rollout_logprobs_match_training_logprobs_and_are_seeded():
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    tok_eos = tok.eos_token_id
+    adapter = attach(model, AdapterConfig(u=2, n_tie=3))
+    with torch.no_grad():
+        adapter.v.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    with adapter.merged_weights():
+        ro = sample(model, tok, PROMPTS * 3, max_new_tokens=12, temperature=0.8, seed=5)
+    train = sequence_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_len, temperature=0.8)
+    gap = ((train - ro.logp_rollout).abs() * ro.completion_mask).max()
+    assert gap < 1e-4, gap
+    again = sample(model, tok, PROMPTS * 3, max_new_tokens=12, temperature=0.8, seed=5)
+    assert torch.equal(again.input_ids, ro.input_ids)
+    assert not torch.equal(sample(model, tok, PROMPTS * 3, max_new_tokens=12, seed=6).input_ids, ro.input_ids)
+    assert tok_eos is not None
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    assert completion_mask(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_repeats_share_one_prefill_and_equal_repeated_prompts():
+    model, tok = tiny_model_and_tokenizer("llama")
+    shared = sample(model, tok, PROMPTS, max_new_tokens=8, greedy=True, repeats=3)
+    repeated = sample(model, tok, [p for p in PROMPTS for _ in range(3)], max_new_tokens=8, greedy=True)
+    assert torch.equal(shared.input_ids, repeated.input_ids)
+    assert shared.completions == repeated.completions
+    sampled = sample(model, tok, PROMPTS, max_new_tokens=8, repeats=4, seed=1)
+    assert sampled.input_ids.shape[0] == 16 and len(set(sampled.completions[:4])) > 1

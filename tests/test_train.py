@@ -1,0 +1,123 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tinylora import AdapterConfig, attach
+from tinylora.tasks import Problem
+from tinylora.testing import tiny_model_and_tokenizer
+from tinylora.train import Trainer, TrainConfig, lr_at, step_problems
+
+PROBLEMS = [Problem(f"t{20 + i} t{40 + i} ?", "0", "t30 t31 <eos>") for i in range(12)]
+
+
+def low_token_reward(completion: str, gold: str) -> float:
+    """Toy reward that a handful of parameters can raise: the share of generated words among t20..t63."""
+    words = completion.split()
+    return sum(w.startswith("t") and 20 <= int(w[1:]) < 64 for w in words) / max(len(words), 1)
+
+
+def make_trainer(tmp_path, cfg, arch="qwen2", reward=low_token_reward, config=None):
+    model, tok = tiny_model_and_tokenizer(arch)
+    adapter = attach(model, config or AdapterConfig(u=4, n_tie="all"))
+    trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
+    if reward is not None:
+        trainer.reward_fn = reward
+    return trainer
+
+
+def small_cfg(**kw):
+    base = dict(steps=4, batch_prompts=4, group_size=4, max_new_tokens=8, lr=0.05, warmup=0.0, micro_batch=8,
+                suffix="", system="")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_grpo_raises_a_reward_that_depends_on_v(tmp_path):
+    trainer = make_trainer(tmp_path, small_cfg(steps=20, lr=0.1))
+    history = trainer.fit()
+    first = sum(m["reward_mean"] for m in history[:4]) / 4
+    last = sum(m["reward_mean"] for m in history[-4:]) / 4
+    assert last > first + 0.15, (first, last)
+    assert all(len(m["v"]) == 4 for m in history) and history[-1]["v"] != [0.0] * 4
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20
+    for key in ("reward_mean", "accuracy", "zero_std_frac", "response_len", "tokens_per_s", "step_time", "v",
+                "logp_gap", "grad_norm", "lr"):
+        assert key in json.loads(lines[-1]), key
+    assert json.loads(lines[-1])["logp_gap"] < 1e-4  # merged rollouts vs unmerged training: tiny gap
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
+    full = make_trainer(tmp_path / "a", small_cfg(steps=5))
+    full.fit()
+    interrupted = make_trainer(tmp_path / "b", small_cfg(steps=5))
+
+    def stop_after_two(m):
+        if m["step"] == 1:
+            interrupted.stop_requested = True  # what Ctrl-C sets
+    interrupted.fit(on_step=stop_after_two)
+    assert not torch.equal(interrupted.adapter.v, full.adapter.v)
+    resumed = make_trainer(tmp_path / "b", small_cfg(steps=5))
+    history = resumed.fit(resume=True)
+    assert torch.equal(resumed.adapter.v, full.adapter.v)
+    assert [m["step"] for m in history] == [0, 1, 2, 3, 4]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_nan_step_is_skipped_and_v_is_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, small_cfg(steps=2), reward=lambda c, g: float("nan") if "t" in c else 0.0)
+    history = trainer.fit()
+    assert all(m["skipped"] for m in history)
+    assert torch.equal(trainer.adapter.v, torch.zeros_like(trainer.adapter.v))
+
+
+def test_sft_lowers_the_loss_of_gold_solutions(tmp_path):
+    trainer = make_trainer(tmp_path, small_cfg(algo="sft", steps=12, lr=0.1), reward=None,
+                           config=AdapterConfig(method="lora-xs"))
+    history = trainer.fit()
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+
+
+def test_lr_schedule_and_data_order():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.1, schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 99) < 0.01
+    cfg = TrainConfig(batch_prompts=5, seed=3)
+    epoch = [p for s in range(12) for p in step_problems(PROBLEMS * 5, cfg, s)]
+    assert sorted(p.question for p in epoch) == sorted(p.question for p in PROBLEMS * 5)  # one full epoch
+    assert step_problems(PROBLEMS, cfg, 7) == step_problems(PROBLEMS, cfg, 7)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from tinylora import AdapterConfig, attach
+    from tinylora.tasks import Problem
+    from tinylora.testing import tiny_model_and_tokenizer
+    from tinylora.train import Trainer, TrainConfig
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    adapter = attach(model, AdapterConfig(u=3, n_tie="all"), progress=False)
+    problems = [Problem(f"t{20 + i} t{40 + i} ?", "0") for i in range(8)]
+    cfg = TrainConfig(steps=3, batch_prompts=4, group_size=4, max_new_tokens=6, lr=0.05, suffix="", system="")
+    trainer = Trainer(model, tok, adapter, problems, cfg, sys.argv[1], progress=False)
+    trainer.reward_fn = lambda c, g: float(len(c.split()) % 2)
+    history = trainer.fit()
+    rank = os.environ["RANK"]
+    open(os.path.join(sys.argv[1], f"v{rank}.json"), "w").write(json.dumps(adapter.v.flatten().tolist()))
+""")
+
+
+def test_two_process_data_parallel_run(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29533", str(script), str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
+    v0 = json.loads((tmp_path / "v0.json").read_text())
+    v1 = json.loads((tmp_path / "v1.json").read_text())
+    assert v0 == v1 and any(x != 0 for x in v0)  # all-reduced gradients keep the ranks in lockstep
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # written once, by rank 0
