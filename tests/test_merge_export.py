@@ -35,6 +35,17 @@ def test_merge_unmerge_logits(arch, ids):
     assert not adapter.merged
 
 
+def test_exact_merge_restores_weights_bit_for_bit(ids):
+    model, adapter = trained("qwen2", u=2, n_tie=2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(5):  # a training loop merges for every rollout
+        with adapter.merged_weights(exact=True):
+            pass
+        with torch.no_grad():
+            adapter.v.add_(0.1)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method,kw", [("tinylora", dict(u=3, n_tie=4)), ("lora-xs", {}), ("lora", dict(r=3))])
 def test_peft_export_gives_equal_logits(arch, ids, tmp_path, method, kw):
     peft = pytest.importorskip("peft")  # installed by the test extra; CI has it

@@ -15,13 +15,12 @@ from tinylora.train import Trainer, TrainConfig, lr_at, step_problems
 PROBLEMS = [Problem(f"t{20 + i} t{40 + i} ?", "0", "t30 t31 <eos>") for i in range(12)]
 
 
-def low_token_reward(completion: str, gold: str) -> float:
-    """Toy reward that a handful of parameters can raise: the share of generated words among t20..t63."""
-    words = completion.split()
-    return sum(w.startswith("t") and 20 <= int(w[1:]) < 64 for w in words) / max(len(words), 1)
+def short_reward(completion: str, gold: str) -> float:
+    """Toy reward that depends on v: shorter completions (an earlier end-of-sequence token) score higher."""
+    return 1.0 - len(completion.split()) / 8
 
 
-def make_trainer(tmp_path, cfg, arch="qwen2", reward=low_token_reward, config=None):
+def make_trainer(tmp_path, cfg, arch="qwen2", reward=short_reward, config=None):
     model, tok = tiny_model_and_tokenizer(arch)
     adapter = attach(model, config or AdapterConfig(u=4, n_tie="all"))
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
@@ -36,15 +35,44 @@ def small_cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def planted_reward(trainer, c=0.3, k=16):
+    """A reward that depends on v by construction: the share of generated words among the k tokens
+    whose log-prob rises most when every v_i is set to c. Some v therefore beats v = 0."""
+    model, tok, adapter = trainer.model, trainer.tok, trainer.adapter
+    tok.padding_side = "left"
+    enc = tok([p.question for p in PROBLEMS], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = torch.log_softmax(model(**enc).logits[:, -1], -1).mean(0)  # [V]
+        adapter.v.fill_(c)
+        moved = torch.log_softmax(model(**enc).logits[:, -1], -1).mean(0)  # [V]
+        adapter.v.zero_()
+    rise = moved - base
+    rise[: len(tok.all_special_ids) + 1] = -1e9
+    good = set(tok.convert_ids_to_tokens(rise.topk(k).indices.tolist()))
+    return lambda completion, gold: sum(w in good for w in completion.split()) / max(len(completion.split()), 1)
+
+
+def expected_reward(trainer, reward, samples=32):
+    """Mean reward over many samples per problem: far less noisy than one step's batch."""
+    from tinylora.rollout import sample
+    ro = sample(trainer.model, trainer.tok, [p.question for p in PROBLEMS], max_new_tokens=8, repeats=samples,
+                seed=1234)
+    return sum(reward(c, "") for c in ro.completions) / len(ro.completions)
+
+
 def test_grpo_raises_a_reward_that_depends_on_v(tmp_path):
-    trainer = make_trainer(tmp_path, small_cfg(steps=20, lr=0.1))
+    # init 0.3 gives the tiny random model peaked logits, like a trained model (at 0.02 they are ~uniform)
+    model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
+    adapter = attach(model, AdapterConfig(u=4, n_tie="all"))
+    trainer = Trainer(model, tok, adapter, PROBLEMS, small_cfg(steps=15, lr=0.1), tmp_path, progress=False)
+    trainer.reward_fn = reward = planted_reward(trainer)
+    before = expected_reward(trainer, reward)
     history = trainer.fit()
-    first = sum(m["reward_mean"] for m in history[:4]) / 4
-    last = sum(m["reward_mean"] for m in history[-4:]) / 4
-    assert last > first + 0.15, (first, last)
-    assert all(len(m["v"]) == 4 for m in history) and history[-1]["v"] != [0.0] * 4
+    after = expected_reward(trainer, reward)
+    assert after > before + 0.03, (before, after)
+    assert all(len(m["v"]) == 4 for m in history) and any(x != 0 for x in history[-1]["v"])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 20
+    assert len(lines) == 15
     for key in ("reward_mean", "accuracy", "zero_std_frac", "response_len", "tokens_per_s", "step_time", "v",
                 "logp_gap", "grad_norm", "lr"):
         assert key in json.loads(lines[-1]), key
@@ -121,3 +149,10 @@ def test_two_process_data_parallel_run(tmp_path):
     assert v0 == v1 and any(x != 0 for x in v0)  # all-reduced gradients keep the ranks in lockstep
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # written once, by rank 0
+
+
+def test_a_step_where_every_group_ties_still_runs(tmp_path):
+    trainer = make_trainer(tmp_path, small_cfg(steps=2), reward=lambda c, g: 1.0)
+    history = trainer.fit()
+    assert [m["zero_std_frac"] for m in history] == [1.0, 1.0]
+    assert all(m["grad_norm"] == 0 and not m["skipped"] for m in history)

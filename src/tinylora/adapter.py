@@ -63,6 +63,7 @@ class Adapter(nn.Module):
             for i in members:
                 self.group_of[i] = g
         self.merged = False
+        self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
         self._row_v: torch.Tensor | None = None  # [batch, n_groups, k] while an AdapterBank drives us
         self._hooks = []
@@ -185,11 +186,20 @@ class Adapter(nn.Module):
 
     # ---- merge ------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW into the base weights in place (fast generation); the hooks go quiet."""
+    def merge(self, exact: bool = False) -> None:
+        """Fold ΔW into the base weights in place (fast generation); the hooks go quiet.
+
+        exact=True keeps one copy of the targeted weights (taken on first use) so that unmerge()
+        restores them bit for bit: a training loop that merges for every rollout must not let
+        rounding drift accumulate in the base. Without it, unmerge() subtracts ΔW again.
+        """
         if self.merged or self.config.method in ("full", "frozen"):
             self.merged = self.config.method not in ("full", "frozen")
             return
+        if exact and self._originals is None:
+            self._originals = [m.weight.detach().clone() for m in self.modules_by_index]
+        elif not exact:
+            self._originals = None
         for i, mod in enumerate(self.modules_by_index):
             W = mod.weight
             W.copy_((W.float() + self.delta_weight(i).to(W.device)).to(W.dtype))
@@ -197,17 +207,20 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ΔW again. Exact up to one rounding of the weight dtype per merge/unmerge pair."""
+        """Undo merge(): bit-exact after merge(exact=True), else up to one rounding of the weight dtype."""
         if not self.merged:
             return
         for i, mod in enumerate(self.modules_by_index):
             W = mod.weight
-            W.copy_((W.float() - self.delta_weight(i).to(W.device)).to(W.dtype))
+            if self._originals is not None:
+                W.copy_(self._originals[i])
+            else:
+                W.copy_((W.float() - self.delta_weight(i).to(W.device)).to(W.dtype))
         self.merged = False
 
     @contextlib.contextmanager
-    def merged_weights(self):
-        self.merge()
+    def merged_weights(self, exact: bool = False):
+        self.merge(exact)
         try:
             yield self
         finally:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with GRPO (or SFT); with no arguments, the embedded default run",
                        description="Evaluate the base model, train, evaluate again, write the adapter and a summary.")
     add_task_args(p, default_n=2000)
-    add_adapter_args(p, n_tie="16", seed=False)
+    add_adapter_args(p, n_tie="1", seed=False)
     g = p.add_argument_group("training")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -107,9 +107,9 @@ def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = 
         msg = f"{source} does not fit this base model: " + "; ".join(problems)
         if strict:
             raise ValueError(msg + ". Pass strict=False (--no-strict) to load anyway.")
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=3)
     elif expected["bytes"] != actual["bytes"]:
-        warnings.warn(f"{source}: base weights match in value but not byte for byte (another dtype?)")
+        warnings.warn(f"{source}: base weights match in value but not byte for byte (another dtype?)", stacklevel=3)
 
 
 def load_adapter(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, **kwargs) -> Adapter:

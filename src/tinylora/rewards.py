@@ -32,7 +32,7 @@ def strict_reward(completion: str, gold: str) -> float:
         got, want = parse_number(extract_strict(completion) or ""), parse_number(gold)
         return float(got is not None and want is not None and abs(got - want) < 1e-9 * max(1.0, abs(want)))
     except Exception as e:  # a reward must never take training down
-        log.warning("strict reward failed on %r: %s", completion[-80:], e)
+        log.warning("strict reward failed on %r: %s", str(completion)[-80:], e)
         return 0.0
 
 
@@ -57,7 +57,7 @@ def boxed_reward(completion: str, gold: str) -> float:
             return 0.0
         return float(verify(parse(f"${gold}$"), parse(f"$\\boxed{{{inner}}}$")))
     except Exception as e:
-        log.warning("boxed reward failed on %r: %s", completion[-80:], e)
+        log.warning("boxed reward failed on %r: %s", str(completion)[-80:], e)
         return 0.0
 
 

@@ -30,11 +30,11 @@ from .tasks import Problem
 @dataclass
 class TrainConfig:
     algo: str = field(default="grpo", metadata={"help": "'grpo' (reinforcement learning) or 'sft' (gold solutions)"})
-    steps: int = field(default=24, metadata={"help": "optimizer steps"})
+    steps: int = field(default=16, metadata={"help": "optimizer steps"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step (split over ranks)"})
     group_size: int = field(default=4, metadata={"help": "G: samples per prompt (GRPO)"})
     max_new_tokens: int = field(default=48, metadata={"help": "completion length limit"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate of v"})
     schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warmup"})
     warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
@@ -100,7 +100,7 @@ class Trainer:
     def rollout(self, step: int, problems: list[Problem]):
         cfg = self.cfg
         prompts = chat_prompts(self.tok, [p.question for p in problems], cfg.suffix, cfg.system or None)
-        with self.adapter.merged_weights():  # N = B·G rows, group by group
+        with self.adapter.merged_weights(exact=True):  # N = B·G rows, group by group
             ro = sample(self.model, self.tok, prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,
                         temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
         golds = [p.answer for p in problems for _ in range(cfg.group_size)]
@@ -149,6 +149,8 @@ class Trainer:
         n_tokens = max(n_tokens, 1.0)
         loss_sum, gaps, stats = 0.0, [], {"clip_frac": 0.0, "kl": 0.0}
         for mb in rows.split(cfg.micro_batch):
+            if len(mb) == 0:  # every group had zero advantage: nothing to learn from this step
+                continue
             last = int(amask[mb].nonzero()[:, 1].max()) + 1  # trim columns that are padding for all rows
             logp = sequence_logprobs(self.model, ids[mb, :last], amask[mb, :last], P, cfg.temperature)  # [n, C']
             m = cmask[mb, :last - P]  # [n, C']
@@ -168,11 +170,14 @@ class Trainer:
                 gaps.append(((logp.detach() - lr_).abs() * m).sum().item() / max(m.sum().item(), 1))
             loss.backward()
             loss_sum += loss.item()
+        for p in self.params:  # every rank all-reduces every tensor, even with nothing to contribute
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         dist.all_sum_grads(self.params)
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params]
         finite = all(torch.isfinite(g).all() for g in grads) and math.isfinite(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf")).item() if grads else 0.0
-        if finite and grads:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf")).item()
+        if finite:
             self.opt.step()
         metrics.update(loss=loss_sum, grad_norm=grad_norm, skipped=not finite, step_time=time.time() - t0)
         if not finite:
