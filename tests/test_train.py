@@ -31,7 +31,7 @@ def make_trainer(tmp_path, cfg, arch="qwen2", reward=short_reward, config=None):
 
 def small_cfg(**kw):
     base = dict(steps=4, batch_prompts=4, group_size=4, max_new_tokens=8, lr=0.05, warmup=0.0, micro_batch=8,
-                suffix="", system="")
+                temperature=1.0, suffix="", system="")
     return TrainConfig(**{**base, **kw})
 
 

@@ -145,8 +145,8 @@ class Trainer:
             ids, amask, cmask, P = self.sft_batch(mine)
             adv, logp_roll, rewards, t_gen, gen_tokens = None, None, None, 0.0, 0.0
             rows = torch.arange(ids.shape[0])
-        n_tokens = float(dist.all_sum(cmask[rows].sum().float().clone()).item()) if len(rows) else 0.0
-        n_tokens = max(n_tokens, 1.0)
+        # every rank joins every collective, even one with no rows to train on this step
+        n_tokens = max(float(dist.all_sum(cmask[rows].sum().float().reshape(1)).item()), 1.0)
         loss_sum, gaps, stats = 0.0, [], {"clip_frac": 0.0, "kl": 0.0}
         for mb in rows.split(cfg.micro_batch):
             if len(mb) == 0:  # every group had zero advantage: nothing to learn from this step
