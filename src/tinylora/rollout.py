@@ -16,7 +16,8 @@ from .grpo import token_logprobs
 DEFAULT_SYSTEM = "You are a helpful assistant."
 # Measured on the default model (24 level-1/2 problems, 48 new tokens): this suffix gives 10/24 strict
 # answers greedy, 7/24 sampled; "think step by step" gives 0/24 (it never finishes in time).
-DEFAULT_SUFFIX = "\nSolve it in one or two short lines, then write the final answer as \"#### <number>\" on the last line."
+DEFAULT_SUFFIX = ("\nSolve it in one or two short lines, then write the final answer as \"#### <number>\" "
+                  "on the last line.")
 
 
 def chat_prompts(tokenizer, questions: list[str], suffix: str = DEFAULT_SUFFIX,

@@ -63,7 +63,8 @@ def run_training(args) -> dict:
         final["step"] = len(history)
     steps_done = [m for m in history if "tokens_per_s" in m]
     summary = {
-        "model": args.model, "task": args.data or args.task, "algo": cfg.algo, "config": json.loads(adapter.config.to_json()),
+        "model": args.model, "task": args.data or args.task, "algo": cfg.algo,
+        "config": json.loads(adapter.config.to_json()),
         "trainable_params": adapter.num_trainable(), "adapter_file": str(adapter_path),
         "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
         "base_eval": base, "final_eval": final, "train_seconds": round(t_train, 1),

@@ -185,7 +185,8 @@ class Trainer:
         if cfg.algo == "grpo":
             totals = dist.all_sum(torch.tensor([rewards.sum().item(), len(rewards), gen_tokens,
                                                 zero_std_fraction(rewards, cfg.group_size) * len(mine)]))
-            metrics.update(reward_mean=totals[0].item() / totals[1].item(), accuracy=totals[0].item() / totals[1].item(),
+            mean_reward = totals[0].item() / totals[1].item()
+            metrics.update(reward_mean=mean_reward, accuracy=mean_reward,
                            zero_std_frac=totals[3].item() / cfg.batch_prompts,
                            response_len=totals[2].item() / totals[1].item(), gen_time=t_gen,
                            tokens_per_s=totals[2].item() / max(t_gen, 1e-9) / self.world,
