@@ -58,3 +58,36 @@ def test_sft_from_the_command_line(model_dir, tmp_path):
     assert main(["train", "--model", model_dir, "--algo", "sft", "--method", "lora-xs", "--steps", "2",
                  "--batch-prompts", "2", "--eval-n", "0", "--n", "10", "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["config"]["method"] == "lora-xs"
+
+
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def cmd(out):
+        return [sys.executable, "-m", "tinylora", "train", "--model", model_dir, "--steps", "40", "--batch-prompts",
+                "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "0", "--n", "20", "--u", "2",
+                "--n-tie", "all", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["stopped_early"] and 0 < summary["steps"] < 40
+    assert "--resume" in output
+    subprocess.run(cmd(tmp_path / "cut") + ["--resume"], env=env, check=True, capture_output=True)
+    subprocess.run(cmd(tmp_path / "full"), env=env, check=True, capture_output=True)
+    resumed = load_file(str(tmp_path / "cut" / "adapter.safetensors"))["v"]
+    full = load_file(str(tmp_path / "full" / "adapter.safetensors"))["v"]
+    assert resumed.equal(full)
+    assert len(metrics.read_text().splitlines()) == 40
