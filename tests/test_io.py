@@ -112,3 +112,11 @@ def test_no_pickle_in_package():
     for f in src.rglob("*.py"):
         text = f.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, f
+
+
+def test_saving_while_merged_writes_the_base_fingerprint(tmp_path):
+    _, adapter = trained()
+    plain = save_adapter(adapter, tmp_path / "a.safetensors")
+    adapter.merge()
+    merged = save_adapter(adapter, tmp_path / "b.safetensors")
+    assert read_adapter_file(plain)[1]["fingerprint"] == read_adapter_file(merged)[1]["fingerprint"]

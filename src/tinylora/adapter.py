@@ -74,6 +74,7 @@ class Adapter(nn.Module):
             p.requires_grad_(config.method == "full")
 
         self.digests = []
+        norm_sq = 0.0  # of the untouched base weights, for the file's fingerprint
         self.factors = nn.ModuleList()
         show = sys.stderr.isatty() if progress is None else progress
         svd_methods = config.method in ("tinylora", "lora-xs")
@@ -81,12 +82,14 @@ class Adapter(nn.Module):
                                "weights", disable=not show, unit="mat"), self.modules_by_index):
             digest = weight_digest(mod.weight)
             self.digests.append(digest)
+            norm_sq += float(mod.weight.detach().double().pow(2).sum())
             if svd_methods:
                 U, S, V = cached_svd(mod.weight, config.r, config.svd, digest, use_cache)
                 self.factors.append(Factors(U=U, S=S, V=V, P=projections(config, t.name)).to(device))
             elif config.method == "lora":
                 self.factors.append(Factors())
 
+        self.base_norm = math.sqrt(norm_sq)
         if svd_methods:
             v_dtype = _DTYPES[config.v_dtype]
             # one tensor for all groups: a single optimizer entry and a single tensor in the file

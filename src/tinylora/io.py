@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -35,8 +34,7 @@ def fingerprint(adapter: Adapter) -> dict:
         if list(t.shape) not in shapes:
             shapes.append(list(t.shape))
     names = "\n".join(f"{t.name}:{t.shape}" for t in adapter.targets)
-    weights = adapter.modules_by_index
-    norm = math.sqrt(sum(float(m.weight.detach().double().pow(2).sum()) for m in weights))
+    norm = adapter.base_norm  # measured at attach, before any merge
     return {
         "n": len(adapter.targets),
         "shapes": {k: v[0] if len(v) == 1 else v for k, v in kinds.items()},
