@@ -76,7 +76,7 @@ def bench_size(args) -> None:
         ours = save_adapter(adapter, Path(d) / "a.safetensors").stat().st_size
         adapter.detach()
         n_modules = len(adapter.targets)
-        peft_model = get_peft_model(random_model(layers=args.layers),
+        peft_model = get_peft_model(model,  # detach() gave the plain model back
                                     TinyLoraConfig(r=2, u=1, weight_tying=1 - n / n_modules,
                                                    target_modules=list(AdapterConfig().targets)))
         peft_n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

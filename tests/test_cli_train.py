@@ -43,7 +43,9 @@ def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "e.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_samples"] == 6 and "pass_at_k" in result
-    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2]  # k samples per problem, problem by problem
+    assert rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
 
 
 def test_train_reports_bad_data_with_its_line(model_dir, tmp_path, capsys):

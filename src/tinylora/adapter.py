@@ -20,10 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import AdapterConfig
+from .models import DTYPES
 from .plan import Target, find_targets, tie_groups, trainable_count
 from .svd import cached_svd, weight_digest
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -91,7 +91,7 @@ class Adapter(nn.Module):
 
         self.base_norm = math.sqrt(norm_sq)
         if svd_methods:
-            v_dtype = _DTYPES[config.v_dtype]
+            v_dtype = DTYPES[config.v_dtype]
             # one tensor for all groups: a single optimizer entry and a single tensor in the file
             self.v = nn.Parameter(torch.zeros(len(self.groups), config.numbers_per_group, dtype=v_dtype,
                                               device=device))  # [n_groups, k]

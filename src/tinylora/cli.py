@@ -76,7 +76,7 @@ def add_task_args(p: argparse.ArgumentParser, default_n: int) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder or hub id (default: {DEFAULT_MODEL}, embedded, offline)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (default: fp32)")
+    g.add_argument("--dtype", choices=V_DTYPES, default="fp32", help="weights dtype (default: fp32)")
     g.add_argument("--task", default="arithmetic",
                    help="'arithmetic' (generated offline), 'gsm8k', or a .jsonl file (default: arithmetic)")
     g.add_argument("--data", help="your own .jsonl file of {question, answer} rows (same as --task FILE)")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="base model folder or hub id")
         p.add_argument("--adapter", required=True, help="adapter .safetensors file")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="load dtype")
+        p.add_argument("--dtype", choices=V_DTYPES, default="fp32", help="load dtype")
         p.add_argument("--no-strict", action="store_true", help="load even if the base fingerprint differs")
         if name == "export":
             p.add_argument("--format", choices=["peft", "merged"], default="peft", help="(default: peft)")

@@ -30,15 +30,16 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     """Score `problems` (greedy, or `samples` sampled completions each); adapter merged while generating."""
     reward_fn, extract = REWARDS[reward]
     k = 1 if greedy else samples
-    items = [(i, p) for i, p in enumerate(problems) for _ in range(k)]
+    per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
     with adapter.merged_weights() if adapter is not None else contextlib.nullcontext():
-        for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
-            chunk = items[start:start + batch_size]
-            prompts = chat_prompts(tokenizer, [p.question for _, p in chunk], suffix, system)
+        for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
+            chunk = problems[start:start + per_batch]
+            prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)
             ro = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        greedy=greedy, seed=seed + start, with_logprobs=False)
-            for (i, p), prompt, completion in zip(chunk, prompts, ro.completions):
+                        greedy=greedy, seed=seed + start, with_logprobs=False, repeats=k)
+            for j, completion in enumerate(ro.completions):  # rows come problem by problem, k each
+                i, p, prompt = start + j // k, chunk[j // k], prompts[j // k]
                 rows.append({"index": i, "prompt": prompt, "completion": completion,
                              "extracted": extract(completion), "gold": p.answer,
                              "correct": bool(reward_fn(completion, p.answer))})

@@ -128,10 +128,11 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         cfg, t0 = self.cfg, time.time()
         mine = step_problems(self.problems, cfg, step)[self.rank::self.world]
+        lr = lr_at(cfg, step)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        metrics: dict = {"step": step, "lr": lr_at(cfg, step)}
+        metrics: dict = {"step": step, "lr": lr}
         if cfg.algo == "grpo":
             ro, rewards = self.rollout(step, mine)
             t_gen = time.time() - t0
