@@ -1,7 +1,7 @@
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.rollout import completion_mask, sample, sequence_logprobs
+from tinylora.rollout import completion_mask, group_logprobs, sample, sequence_logprobs
 from tinylora.testing import tiny_model_and_tokenizer
 
 PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44", "t50"]
@@ -48,3 +48,21 @@ def test_repeats_share_one_prefill_and_equal_repeated_prompts():
     assert shared.completions == repeated.completions
     sampled = sample(model, tok, PROMPTS, max_new_tokens=8, repeats=4, seed=1)
     assert sampled.input_ids.shape[0] == 16 and len(set(sampled.completions[:4])) > 1
+
+
+def test_group_logprobs_equal_full_sequence_logprobs_and_gradients(arch):
+    model, tok = tiny_model_and_tokenizer(arch)
+    adapter = attach(model, AdapterConfig(u=2, n_tie=3))
+    with torch.no_grad():
+        adapter.v.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    ro = sample(model, tok, PROMPTS, max_new_tokens=7, repeats=3, seed=1)
+    P, m = ro.prompt_len, ro.completion_mask.bool()
+    full = sequence_logprobs(model, ro.input_ids, ro.attention_mask, P, temperature=0.9)
+    grouped = group_logprobs(model, ro.input_ids[::3, :P], ro.attention_mask[::3, :P], ro.input_ids[:, P:],
+                             ro.attention_mask[:, P:], temperature=0.9)
+    assert grouped.shape == full.shape
+    torch.testing.assert_close(grouped[m], full[m], atol=1e-5, rtol=0)
+    g_full = torch.autograd.grad((full * m).sum(), adapter.v)[0]
+    g_grouped = torch.autograd.grad((grouped * m).sum(), adapter.v)[0]
+    assert g_full.abs().max() > 0
+    torch.testing.assert_close(g_grouped, g_full, atol=1e-5, rtol=1e-4)

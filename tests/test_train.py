@@ -60,11 +60,14 @@ def expected_reward(trainer, reward, samples=32):
     return sum(reward(c, "") for c in ro.completions) / len(ro.completions)
 
 
-def test_grpo_raises_a_reward_that_depends_on_v(tmp_path):
+@pytest.mark.parametrize("rollout_weights", ["merged", "int8"])
+def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     # init 0.3 gives the tiny random model peaked logits, like a trained model (at 0.02 they are ~uniform)
     model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
     adapter = attach(model, AdapterConfig(u=4, n_tie="all"))
-    trainer = Trainer(model, tok, adapter, PROBLEMS, small_cfg(steps=15, lr=0.1), tmp_path, progress=False)
+    cfg = small_cfg(steps=15, lr=0.1, rollout_weights=rollout_weights)
+    trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
+    assert (trainer.int8 is not None) == (rollout_weights == "int8")
     trainer.reward_fn = reward = planted_reward(trainer)
     before = expected_reward(trainer, reward)
     history = trainer.fit()
@@ -76,7 +79,11 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path):
     for key in ("reward_mean", "accuracy", "zero_std_frac", "response_len", "tokens_per_s", "step_time", "v",
                 "logp_gap", "grad_norm", "lr"):
         assert key in json.loads(lines[-1]), key
-    assert json.loads(lines[-1])["logp_gap"] < 1e-4  # merged rollouts vs unmerged training: tiny gap
+    gap = json.loads(lines[-1])["logp_gap"]
+    if rollout_weights == "merged":
+        assert gap < 1e-4  # merged fp32 rollouts vs unmerged training: rounding only
+    else:
+        assert 1e-4 < gap < 0.5  # int8 rollouts: a real but small mismatch, which TIS corrects
 
 
 def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
@@ -156,3 +163,14 @@ def test_a_step_where_every_group_ties_still_runs(tmp_path):
     history = trainer.fit()
     assert [m["zero_std_frac"] for m in history] == [1.0, 1.0]
     assert all(m["grad_norm"] == 0 and not m["skipped"] for m in history)
+
+
+def test_rollout_weights_choice(tmp_path):
+    model, tok = tiny_model_and_tokenizer("llama")
+    adapter = attach(model, AdapterConfig(method="full"))
+    # full fine-tuning changes the weights an int8 copy was taken from: auto falls back, int8 refuses
+    assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(), tmp_path, progress=False).int8 is None
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="int8"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="rollout_weights"):
+        Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="fp8"), tmp_path, progress=False)

@@ -14,10 +14,13 @@ import torch
 from .grpo import token_logprobs
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
-# Measured on the default model (24 level-1/2 problems, 48 new tokens): this suffix gives 10/24 strict
-# answers greedy, 7/24 sampled; "think step by step" gives 0/24 (it never finishes in time).
-DEFAULT_SUFFIX = ("\nSolve it in one or two short lines, then write the final answer as \"#### <number>\" "
-                  "on the last line.")
+# Measured on the default model (64 level-1/2 problems, 48 new tokens, 4 samples each at T=0.7): with this
+# suffix 43% of samples show a one-line calculation first (81% of those correct), 29% answer at once
+# (15% correct) and 28% ramble past the limit; greedy accuracy is 45%. That mix is what GRPO needs: a
+# good behaviour the model already produces sometimes. "Solve it in one or two short lines, then ..."
+# gave 78% direct answers and 2% calculations, "think step by step" never finished in time.
+DEFAULT_SUFFIX = ("\nShow the calculation in one short line, then give the final answer on the last line as "
+                  "\"#### <number>\".")
 
 
 def chat_prompts(tokenizer, questions: list[str], suffix: str = DEFAULT_SUFFIX,
@@ -133,3 +136,31 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=C + 1).logits  # [N, C + 1, V]
     return token_logprobs(logits[:, :-1], input_ids[:, prompt_len:], temperature)  # [N, C]
+
+
+def group_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                   completion_att: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`sequence_logprobs` for GRPO groups, with each prompt forwarded once instead of G times.
+
+    prompt_ids/prompt_mask [b, P] (left-padded), completion_ids/completion_att [b·G, C] (G rows per
+    prompt, in order) → [b·G, C]. The prompt's key/value cache keeps its autograd graph and is repeated
+    for the G completions, so gradients from all G flow back through one prompt pass. Prompts are
+    most of the tokens in a short-answer task (77 of ~95 on the default one).
+    """
+    from transformers import DynamicCache
+    b = prompt_ids.shape[0]
+    N, C = completion_ids.shape
+    G = N // b
+    pos = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1).logits[:, -1:]  # [b, 1, V] predicts completion token 0
+    first = first.repeat_interleave(G, dim=0)  # [N, 1, V]
+    if C > 1:
+        cache.batch_repeat_interleave(G)
+        mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), completion_att[:, :-1]], dim=1)  # [N, P + C - 1]
+        cpos = pos[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C - 1, device=pos.device)  # [N, C - 1]
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=cpos, past_key_values=cache,
+                     use_cache=True).logits  # [N, C - 1, V] predict completion tokens 1..C-1
+        first = torch.cat([first, rest], dim=1)  # [N, C, V]
+    return token_logprobs(first, completion_ids, temperature)  # [N, C]

@@ -1,8 +1,9 @@
-"""The training loop: task → rollout (merged weights) → reward → advantage → loss (unmerged) → v.
+"""The training loop: task → rollout (fast weights) → reward → advantage → loss (fp32, unmerged) → v.
 
-One step: B prompts × G samples are generated with the adapter merged into the weights; rewards
-become group-normalised advantages; the PPO-clip loss, corrected by truncated importance weights
-between the sampling and training policies, is averaged over tokens and back-propagated into v.
+One step: B prompts × G samples are generated with fast weights (int8 base + adapter on CPU, or the
+adapter merged into the fp32 weights); rewards become group-normalised advantages; the PPO-clip loss,
+corrected by truncated importance weights between the sampling and training policies, is averaged
+over tokens and back-propagated into v. Each group's prompt is forwarded once for its G samples.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
+from . import dist, int8
 from .checkpoint import load_checkpoint, save_checkpoint
 from .grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
 from .rewards import REWARDS
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample, sequence_logprobs
+from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, group_logprobs, sample, sequence_logprobs
 from .tasks import Problem
 
 
 @dataclass
 class TrainConfig:
     algo: str = field(default="grpo", metadata={"help": "'grpo' (reinforcement learning) or 'sft' (gold solutions)"})
-    steps: int = field(default=16, metadata={"help": "optimizer steps"})
+    steps: int = field(default=20, metadata={"help": "optimizer steps"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step (split over ranks)"})
     group_size: int = field(default=4, metadata={"help": "G: samples per prompt (GRPO)"})
-    max_new_tokens: int = field(default=48, metadata={"help": "completion length limit"})
+    max_new_tokens: int = field(default=32, metadata={"help": "completion length limit"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate of v"})
     schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warmup"})
@@ -47,6 +48,9 @@ class TrainConfig:
     std_norm: bool = field(default=True, metadata={"help": "divide advantages by the group std (off: Dr. GRPO)"})
     reward: str = field(default="strict", metadata={"help": "'strict' (last #### number) or 'boxed' (math-verify)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (memory)"})
+    rollout_weights: str = field(default="auto", metadata={
+        "help": "weights that generate rollouts: 'merged' (fp32 W + ΔW, exact), 'int8' (int8 base + fp32 adapter, "
+                "~3× faster on x86 CPUs), 'auto' (int8 on CPU when available, else merged)"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N steps"})
     suffix: str = field(default=DEFAULT_SUFFIX, metadata={"help": "text appended to every question"})
@@ -94,13 +98,27 @@ class Trainer:
             raise ValueError(f"method {adapter.config.method!r} has nothing to train")
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.progress = progress and self.rank == 0
+        self.int8 = self._int8_weights() if cfg.algo == "grpo" else None
         self.stop_requested = False
+
+    def _int8_weights(self):
+        choice, method = self.cfg.rollout_weights, self.adapter.config.method
+        if choice not in ("auto", "int8", "merged"):
+            raise ValueError(f"rollout_weights={choice!r}: expected 'auto', 'int8' or 'merged'")
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        if choice == "merged" or (choice == "auto" and not (on_cpu and int8.available() and method != "full")):
+            return None
+        if method == "full":  # the int8 copy is taken once; full fine-tuning changes the weights it copies
+            raise ValueError("rollout_weights='int8' needs an adapter method; full fine-tuning uses 'merged'")
+        return int8.Int8Weights(self.model)
 
     # ---- one step ---------------------------------------------------------------------------
     def rollout(self, step: int, problems: list[Problem]):
         cfg = self.cfg
         prompts = chat_prompts(self.tok, [p.question for p in problems], cfg.suffix, cfg.system or None)
-        with self.adapter.merged_weights(exact=True):  # N = B·G rows, group by group
+        # int8 base + adapter hooks, or the adapter merged into the fp32 weights
+        weights = self.int8.active() if self.int8 is not None else self.adapter.merged_weights(exact=True)
+        with weights:  # N = B·G rows, group by group
             ro = sample(self.model, self.tok, prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,
                         temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
         golds = [p.answer for p in problems for _ in range(cfg.group_size)]
@@ -125,6 +143,26 @@ class Trainer:
         P = int(start.min())
         return enc.input_ids, enc.attention_mask, target[:, P:], P
 
+    def micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Row indices per forward/backward. GRPO keeps groups whole so their prompt is shared, and
+        orders groups by their longest completion so short ones are not padded to long ones."""
+        size = self.cfg.micro_batch
+        if self.cfg.algo == "grpo" and len(rows):
+            G = self.cfg.group_size
+            size = max(size // G, 1) * G
+            groups = rows.view(-1, G)  # [b, G]
+            order = lengths[groups].max(dim=1).values.argsort(stable=True)  # [b]
+            rows = groups[order].flatten()
+        return [mb for mb in rows.split(size) if len(mb)]
+
+    def logprobs(self, ids: torch.Tensor, amask: torch.Tensor, P: int) -> torch.Tensor:
+        """Training log-probs of the completions [n, C]; GRPO rows come in whole groups."""
+        T = self.cfg.temperature
+        if self.cfg.algo == "sft":
+            return sequence_logprobs(self.model, ids, amask, P, T)
+        G = self.cfg.group_size
+        return group_logprobs(self.model, ids[::G, :P], amask[::G, :P], ids[:, P:], amask[:, P:], T)
+
     def train_step(self, step: int) -> dict:
         cfg, t0 = self.cfg, time.time()
         mine = step_problems(self.problems, cfg, step)[self.rank::self.world]
@@ -140,8 +178,10 @@ class Trainer:
             ids, amask, cmask, P, logp_roll = ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, \
                 ro.logp_rollout
             gen_tokens = float(cmask.sum())
-            # rows with zero advantage add nothing to the loss when there is no KL term: skip their compute
-            rows = torch.nonzero(adv != 0).flatten() if cfg.beta == 0 else torch.arange(len(adv))
+            # groups with zero advantage add nothing to the loss when there is no KL term: skip their compute
+            G = cfg.group_size
+            live = adv.view(-1, G).ne(0).any(dim=1) if cfg.beta == 0 else torch.ones(len(adv) // G, dtype=torch.bool)
+            rows = (torch.nonzero(live).flatten()[:, None] * G + torch.arange(G)).flatten()  # whole groups
         else:
             ids, amask, cmask, P = self.sft_batch(mine)
             adv, logp_roll, rewards, t_gen, gen_tokens = None, None, None, 0.0, 0.0
@@ -149,11 +189,12 @@ class Trainer:
         # every rank joins every collective, even one with no rows to train on this step
         n_tokens = max(float(dist.all_sum(cmask[rows].sum().float().reshape(1)).item()), 1.0)
         loss_sum, gaps, stats = 0.0, [], {"clip_frac": 0.0, "kl": 0.0}
-        for mb in rows.split(cfg.micro_batch):
-            if len(mb) == 0:  # every group had zero advantage: nothing to learn from this step
-                continue
-            last = int(amask[mb].nonzero()[:, 1].max()) + 1  # trim columns that are padding for all rows
-            logp = sequence_logprobs(self.model, ids[mb, :last], amask[mb, :last], P, cfg.temperature)  # [n, C']
+        for mb in self.micro_batches(rows, cmask.sum(dim=1)):
+            # trim columns that are padding for every row of this micro-batch (left of the prompts, right of
+            # the completions)
+            cols = amask[mb].nonzero()[:, 1]
+            first, last = min(int(cols.min()), P - 1), int(cols.max()) + 1
+            logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
             m = cmask[mb, :last - P]  # [n, C']
             if cfg.algo == "sft":
                 loss = sft_loss(logp, m, n_tokens)
@@ -162,7 +203,7 @@ class Trainer:
                 ref = None
                 if cfg.beta > 0:
                     with torch.no_grad(), self.adapter.disabled():
-                        ref = sequence_logprobs(self.model, ids[mb, :last], amask[mb, :last], P, cfg.temperature)
+                        ref = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)
                 loss, st = policy_loss(logp, logp.detach(), adv[mb], m, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                        is_weight=truncated_is_weight(logp, lr_, cfg.tis_cap), logp_ref=ref,
                                        beta=cfg.beta, n_tokens=n_tokens)
