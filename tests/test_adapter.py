@@ -152,3 +152,23 @@ def test_disabled_gives_base_and_detach_restores(model, ids):
         assert torch.equal(model(ids).logits, base)
     adapter.detach()
     assert torch.equal(model(ids).logits, base)
+
+
+def test_no_grad_fast_path_equals_the_training_path_and_follows_v():
+    from tinylora.testing import tiny_model_and_tokenizer
+    model, _ = tiny_model_and_tokenizer("qwen2")
+    adapter = attach(model, AdapterConfig(u=2, n_tie=3))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    for k in range(3):  # every way of changing v must reach the cached fused factors
+        with torch.no_grad():
+            if k == 0:
+                adapter.v.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            elif k == 1:
+                adapter.v.data.copy_(torch.randn(adapter.v.shape, generator=torch.Generator().manual_seed(2)))
+            else:
+                adapter.v.data = adapter.v.data * 0.5
+            fast = model(input_ids=ids).logits
+        slow = model(input_ids=ids).logits  # grad mode: the unfused path
+        torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+        with torch.no_grad(), adapter.disabled():
+            assert (model(input_ids=ids).logits - fast).abs().max() > 1e-4

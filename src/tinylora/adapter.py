@@ -66,6 +66,8 @@ class Adapter(nn.Module):
         self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
         self._row_v: torch.Tensor | None = None  # [batch, n_groups, k] while an AdapterBank drives us
+        self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
+        self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._hooks = []
         self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
         device = self.modules_by_index[0].weight.device if self.targets else torch.device("cpu")
@@ -122,6 +124,8 @@ class Adapter(nn.Module):
             A, B = self.lora_A[i], self.lora_B[i]
             return self.config.scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
         f = self.factors[i]
+        if self._row_v is None and not torch.is_grad_enabled():  # generation: V·(sR)ᵀ·Σ fused once per v
+            return (x @ self._fused_in(i).to(x.dtype)) @ f.U.to(x.dtype).T  # [..., out]
         h = x @ f.V.to(x.dtype)  # [..., r]
         R = self.R(i).to(x.dtype)
         if R.dim() == 2:
@@ -131,6 +135,15 @@ class Adapter(nn.Module):
                 R = R.repeat_interleave(h.shape[0] // R.shape[0], dim=0)
             h = torch.einsum("bsk,bjk->bsj", h, R)  # [batch, seq, r]
         return (h * f.S.to(x.dtype)) @ f.U.to(x.dtype).T  # [..., out]
+
+    def _fused_in(self, i: int) -> torch.Tensor:
+        """V (sR)ᵀ Σ of module i [in, r], cached while v keeps the values it was built from."""
+        if self._fused_v is None or not torch.equal(self._fused_v, self.v):  # v is tiny: comparing is cheap
+            self._fused, self._fused_v = {}, self.v.detach().clone()
+        if i not in self._fused:
+            f = self.factors[i]
+            self._fused[i] = (f.V @ self.R(i).T) * f.S  # [in, r]
+        return self._fused[i]
 
     def delta_weight(self, i: int) -> torch.Tensor:
         """ΔW of module i in float32 [out, in] (for merging and export)."""
