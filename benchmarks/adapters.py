@@ -9,8 +9,9 @@ import torch
 from common import median_time, random_model, table
 
 from tinylora import AdapterConfig, attach, int8, save_adapter
+from tinylora.config import DEFAULT_TARGETS
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(DEFAULT_TARGETS)
 
 
 def bench_overhead(args) -> None:

@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--model", default="embedded:qwen2.5-coder-0.5b-instruct",
                    help="real model for trl/ceiling/svd (default: the embedded default)")
     p.add_argument("--layers", type=int, default=24, help="blocks of the random-weight model (default: 24)")
-    p.add_argument("--batch", type=int, default=8, help="prompts per step (trl, ceiling) or sequences (overhead, memory)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="prompts per step (trl, ceiling) or sequences (overhead, memory)")
     p.add_argument("--group", type=int, default=4, help="samples per prompt, G (trl, ceiling)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (overhead, memory)")
     p.add_argument("--new-tokens", type=int, default=48, help="generated tokens per row")

@@ -17,6 +17,7 @@ import torch
 from common import table
 
 from tinylora import AdapterConfig, attach
+from tinylora.config import DEFAULT_TARGETS
 from tinylora.rewards import strict_reward
 from tinylora.rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
 from tinylora.tasks import load_task
@@ -68,9 +69,7 @@ def trl(model, tok, problems, args) -> tuple[list[float], list[float], int]:
                          beta=0.0, epsilon=0.2, epsilon_high=0.4, learning_rate=1e-2, max_steps=args.steps,
                          gradient_checkpointing=False, use_cpu=True, bf16=False, save_strategy="no", report_to=[],
                          logging_steps=1, shuffle_dataset=False, seed=0)
-        peft_cfg = TinyLoraConfig(r=2, u=1, weight_tying=0.0,
-                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"])
+        peft_cfg = TinyLoraConfig(r=2, u=1, weight_tying=0.0, target_modules=list(DEFAULT_TARGETS))
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                               peft_config=peft_cfg, callbacks=[timer])
         n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

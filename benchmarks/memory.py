@@ -16,8 +16,7 @@ import torch
 from common import random_model, table
 
 from tinylora import AdapterConfig, attach
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tinylora.config import DEFAULT_TARGETS
 
 
 def rss_mb() -> float:
@@ -36,7 +35,7 @@ def one_step(method: str, batch: int, seq: int) -> dict:
         params = attach(model, AdapterConfig(u=1, n_tie=1), progress=False, use_cache=False).trainable_parameters()
     elif method == "lora-r1":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=1, lora_alpha=2, target_modules=TARGETS))
+        model = get_peft_model(model, LoraConfig(r=1, lora_alpha=2, target_modules=list(DEFAULT_TARGETS)))
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         params = list(model.parameters())

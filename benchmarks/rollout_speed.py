@@ -10,6 +10,7 @@ full length: a steady batch) and, if the default model is available, on the real
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -31,11 +32,7 @@ def timed_rollout(model, tok, prompts, args, weights=None) -> tuple[float, int]:
     runs = []
     for rep in range(args.reps + 1):
         t = time.perf_counter()
-        if weights is not None:
-            with weights.active():
-                ro = sample(model, tok, prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                            seed=rep, repeats=args.group)
-        else:
+        with weights.active() if weights is not None else contextlib.nullcontext():
             ro = sample(model, tok, prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
                         seed=rep, repeats=args.group)
         runs.append((time.perf_counter() - t, int(ro.completion_mask.sum())))
@@ -60,7 +57,8 @@ def bench_ceiling(args) -> None:
     fpt = flops_per_token(real, P + args.new_tokens // 2) / 1e9
     ceiling = peak / fpt
     rows, results = [], {}
-    for label, model in (("random weights (every row full length)", random_model()), ("real model, GRPO rollout", real)):
+    cases = (("random weights (every row full length)", random_model()), ("real model, GRPO rollout", real))
+    for label, model in cases:
         for wname in ("fp32", "int8"):
             weights = int8.Int8Weights(model) if wname == "int8" else None
             sec, n_tok = timed_rollout(model, tok, prompts, args, weights)

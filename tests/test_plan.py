@@ -10,7 +10,7 @@ KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 def fake_targets(layers=4):
-    return [Target(f"model.layers.{l}.x.{k}", k, l, (8, 8)) for l in range(layers) for k in KINDS]
+    return [Target(f"model.layers.{i}.x.{k}", k, i, (8, 8)) for i in range(layers) for k in KINDS]
 
 
 def test_tiled_groups_consecutive_modules_in_depth_order():

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--greedy", action="store_true", help="one greedy completion per problem (default)")
     mode.add_argument("--samples", type=int, help="k sampled completions per problem (reports pass@k too)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --samples")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default: 32, as in training)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="completion length limit (default: 32, as in training)")
     p.add_argument("--batch-size", type=int, default=50, help="sequences generated together (default: 50)")
     p.add_argument("--reward", choices=["strict", "boxed"], default="strict", help="answer rule (default: strict)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -43,7 +43,7 @@ class Int8Weights:
 
     def __init__(self, model: nn.Module):
         if not available():
-            raise RuntimeError("int8 rollouts need PyTorch's fbgemm engine (x86 CPU); use --rollout-dtype fp32")
+            raise RuntimeError("int8 rollouts need PyTorch's fbgemm engine (x86 CPU); use --rollout-weights merged")
         torch.backends.quantized.engine = "fbgemm"
         self.model = model
         self.packed: dict[str, object] = {}

@@ -64,6 +64,24 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> torch.Tenso
     return (~after_eos).long()
 
 
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
+    """Run left-padded prompts [b, P] once and repeat the result for `repeats` rows each.
+
+    Returns the last position's logits [b·repeats, 1, V], the key/value cache, and the attention mask
+    and position ids [b·repeats, P] (positions follow the mask, as in generate()). Under autograd the
+    cache keeps its graph, so gradients from every repeat flow back through the one prompt pass.
+    """
+    from transformers import DynamicCache
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits  # [b, 1, V]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, pos))  # [b·repeats, ...]
+    return logits, cache, mask, pos
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
            greedy: bool = False, seed: int = 0, with_logprobs: bool = True, repeats: int = 1) -> Rollout:
@@ -75,7 +93,6 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     completion length, not the longest; and each token's log-prob under the sampling weights comes
     for free (for the importance correction).
     """
-    from transformers import DynamicCache
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     eos = torch.tensor(eos_ids(model, tokenizer), device=model.device)
@@ -86,14 +103,8 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     logps = torch.zeros(N, max_new_tokens, device=model.device)  # [N, C]
     gen = torch.Generator(device=model.device).manual_seed(seed)
     rows = torch.arange(N, device=model.device)  # [n] batch rows still generating
-    mask = enc.attention_mask  # [n, P + t]
-    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [n, P]
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # [n_prompts, V]
-    if repeats > 1:  # G samples share one prefill
-        cache.batch_repeat_interleave(repeats)
-        logits, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, pos))  # [N, ...]
+    logits, cache, mask, pos = prefill(model, enc.input_ids, enc.attention_mask, repeats)  # G samples, one prefill
+    logits = logits[:, -1]  # [n, V]; mask [n, P + t]
     next_pos = pos[:, -1] + 1  # [n]
     length = 0
     for t in range(max_new_tokens):
@@ -143,24 +154,16 @@ def group_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     """`sequence_logprobs` for GRPO groups, with each prompt forwarded once instead of G times.
 
     prompt_ids/prompt_mask [b, P] (left-padded), completion_ids/completion_att [b·G, C] (G rows per
-    prompt, in order) → [b·G, C]. The prompt's key/value cache keeps its autograd graph and is repeated
-    for the G completions, so gradients from all G flow back through one prompt pass. Prompts are
-    most of the tokens in a short-answer task (77 of ~95 on the default one).
+    prompt, in order) → [b·G, C], through `prefill`: gradients from all G flow back through one prompt
+    pass. Prompts are most of the tokens in a short-answer task (77 of ~95 on the default one).
     """
-    from transformers import DynamicCache
-    b = prompt_ids.shape[0]
-    N, C = completion_ids.shape
-    G = N // b
-    pos = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
-    cache = DynamicCache(config=model.config)
-    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, past_key_values=cache,
-                  use_cache=True, logits_to_keep=1).logits[:, -1:]  # [b, 1, V] predicts completion token 0
-    first = first.repeat_interleave(G, dim=0)  # [N, 1, V]
+    G = completion_ids.shape[0] // prompt_ids.shape[0]
+    C = completion_ids.shape[1]
+    logits, cache, mask, pos = prefill(model, prompt_ids, prompt_mask, G)  # [N, 1, V] predicts completion token 0
     if C > 1:
-        cache.batch_repeat_interleave(G)
-        mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), completion_att[:, :-1]], dim=1)  # [N, P + C - 1]
-        cpos = pos[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C - 1, device=pos.device)  # [N, C - 1]
+        mask = torch.cat([mask, completion_att[:, :-1]], dim=1)  # [N, P + C - 1]
+        cpos = pos[:, -1:] + 1 + torch.arange(C - 1, device=pos.device)  # [N, C - 1]
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=cpos, past_key_values=cache,
                      use_cache=True).logits  # [N, C - 1, V] predict completion tokens 1..C-1
-        first = torch.cat([first, rest], dim=1)  # [N, C, V]
-    return token_logprobs(first, completion_ids, temperature)  # [N, C]
+        logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
+    return token_logprobs(logits, completion_ids, temperature)  # [N, C]
