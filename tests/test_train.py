@@ -64,18 +64,22 @@ def expected_reward(trainer, reward, samples=32):
 def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     # init 0.3 gives the tiny random model peaked logits, like a trained model (at 0.02 they are ~uniform)
     model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
-    adapter = attach(model, AdapterConfig(u=4, n_tie="all"))
-    cfg = small_cfg(steps=15, lr=0.1, rollout_weights=rollout_weights)
+    adapter = attach(model, AdapterConfig(u=1, n_tie="all"))
+    # One number and 192 samples a step: smaller batches or more numbers left the gradient so noisy that
+    # the outcome depended on the seed. With these settings, seeds 0–7 in both modes gained 0.04–0.30
+    # (expected reward at v = 0 is ~0.26, at the planted v = 1 ~0.53).
+    cfg = small_cfg(steps=16, lr=0.1, batch_prompts=12, group_size=16, micro_batch=64,
+                    rollout_weights=rollout_weights)
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
     assert (trainer.int8 is not None) == (rollout_weights == "int8")
-    trainer.reward_fn = reward = planted_reward(trainer)
+    trainer.reward_fn = reward = planted_reward(trainer, c=1.0, k=48)
     before = expected_reward(trainer, reward)
     history = trainer.fit()
     after = expected_reward(trainer, reward)
     assert after > before + 0.03, (before, after)
-    assert all(len(m["v"]) == 4 for m in history) and any(x != 0 for x in history[-1]["v"])
+    assert all(len(m["v"]) == 1 for m in history) and history[-1]["v"][0] > 0.1  # towards the planted v
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 15
+    assert len(lines) == 16
     for key in ("reward_mean", "accuracy", "zero_std_frac", "response_len", "tokens_per_s", "step_time", "v",
                 "logp_gap", "grad_norm", "lr"):
         assert key in json.loads(lines[-1]), key
