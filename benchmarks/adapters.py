@@ -136,9 +136,9 @@ def bench_bank(args) -> None:
                     gen(peft_model, rows)
             return run
         results["PEFT tinylora, 1 adapter, one batch"] = median_time(peft_one, args.reps)
-        results["PEFT, 16 distinct adapters: 16 batches of 4 rows, set_adapter between"] = \
+        results[f"PEFT, 16 batches of 4 rows ({args.peft_adapters} adapters in turn), set_adapter between"] = \
             median_time(peft_grouped(16), args.reps)
-        results["PEFT, 64 distinct adapters: 64 requests of 1 row, set_adapter between"] = \
+        results[f"PEFT, 64 requests of 1 row ({args.peft_adapters} adapters in turn), set_adapter between"] = \
             median_time(peft_grouped(64), args.reps)
     print(f"{rows_n} rows x {new} new tokens (greedy), random weights of Qwen2.5-0.5B's shape, {args.layers} "
           f"layers, median of {args.reps}\n")

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    g.add_argument("--eval-n", type=int, default=200, help="held-out problems evaluated before and after (0: skip)")
+    g.add_argument("--eval-n", type=int, default=200,
+                   help="held-out problems evaluated before and after, the same set for every --seed (0: skip)")
     g.add_argument("--eval-batch-size", type=int, default=50, help="sequences generated together in evaluation")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

@@ -27,7 +27,8 @@ def run_training(args) -> dict:
     model, tokenizer = load_model(args.model, args.dtype)
     adapter = attach(model, adapter_config(args), progress=not args.no_progress and rank == 0)
     train_problems = task_problems(args, "train", args.n, seed=cfg.seed)
-    eval_problems = task_problems(args, "test", args.eval_n, seed=cfg.seed) if args.eval_n else []
+    # the held-out set does not move with --seed: runs with different seeds are scored on the same problems
+    eval_problems = task_problems(args, "test", args.eval_n) if args.eval_n else []
     say(f"model {args.model}: {adapter.num_trainable():,} trainable parameters ({adapter.config.method}, "
         f"{len(adapter.targets)} modules, {len(adapter.groups)} groups); {len(train_problems)} training problems")
     ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=args.eval_batch_size, reward=cfg.reward,
