@@ -172,8 +172,10 @@ def test_a_step_where_every_group_ties_still_runs(tmp_path):
 def test_rollout_weights_choice(tmp_path):
     model, tok = tiny_model_and_tokenizer("llama")
     adapter = attach(model, AdapterConfig(method="full"))
+    assert TrainConfig().rollout_weights == "merged"  # exact rollouts unless asked otherwise
     # full fine-tuning changes the weights an int8 copy was taken from: auto falls back, int8 refuses
-    assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(), tmp_path, progress=False).int8 is None
+    assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="auto"), tmp_path,
+                   progress=False).int8 is None
     with pytest.raises(ValueError, match="full fine-tuning"):
         Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="int8"), tmp_path, progress=False)
     with pytest.raises(ValueError, match="rollout_weights"):
