@@ -1,9 +1,10 @@
-"""The training loop: task → rollout (fast weights) → reward → advantage → loss (fp32, unmerged) → v.
+"""The training loop: task → rollout (merged or int8 weights) → reward → advantage → loss (fp32, unmerged) → v.
 
-One step: B prompts × G samples are generated with fast weights (int8 base + adapter on CPU, or the
-adapter merged into the fp32 weights); rewards become group-normalised advantages; the PPO-clip loss,
-corrected by truncated importance weights between the sampling and training policies, is averaged
-over tokens and back-propagated into v. Each group's prompt is forwarded once for its G samples.
+One step: B prompts × G samples are generated with the adapter merged into the fp32 weights (default)
+or with an int8 base + the adapter's fp32 hooks (`rollout_weights`); rewards become group-normalised
+advantages; the PPO-clip loss, corrected by truncated importance weights between the sampling and
+training policies, is averaged over tokens and back-propagated into v. Each group's prompt is
+forwarded once for its G samples.
 """
 
 from __future__ import annotations
