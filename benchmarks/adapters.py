@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from common import median_time, random_model, table
+from common import interleaved_times, median_time, paired_ratio, random_model, table
 
-from tinylora import AdapterConfig, attach, int8, save_adapter
+from tinylora import AdapterConfig, attach, cpu_weights, save_adapter
 from tinylora.config import DEFAULT_TARGETS
 
 TARGETS = list(DEFAULT_TARGETS)
@@ -18,54 +20,57 @@ def bench_overhead(args) -> None:
     model = random_model(layers=args.layers)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (args.batch, args.seq), generator=gen)
-
-    def frozen_step():  # the same backward through every layer, into the input embeddings instead of v
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-        model(inputs_embeds=emb).logits.float().mean().backward()
-
-    for p in model.parameters():
-        p.requires_grad_(False)
     prompt = torch.randint(0, 1000, (args.gen_batch, 16), generator=gen)
-
-    def generate():
-        model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                       pad_token_id=0)
-
-    t_frozen = median_time(frozen_step, args.reps)
-    with torch.no_grad():
-        t_gen_base = median_time(generate, args.reps)
-        weights = int8.Int8Weights(model) if int8.available() else None
-        if weights:
-            with weights.active():
-                t_gen_int8_base = median_time(generate, args.reps)
+    # the fast weight copies generation can run on: packed fp32 (the default for rollouts) and int8
+    copies = {name: kind(model) for name, kind, ok in (
+        ("packed fp32", cpu_weights.PackedWeights, cpu_weights.packed_available()),
+        ("int8", cpu_weights.Int8Weights, cpu_weights.int8_available())) if ok}
     adapter = attach(model, AdapterConfig(u=1, n_tie=1), progress=False)
     with torch.no_grad():
         adapter.v.normal_(0, 0.05, generator=gen)
+    off = adapter.disabled  # the base model: hooks return at once, weights untouched
 
-    def adapter_step():
+    # training: the same backward through every layer; the base sends it to the input embeddings instead of v
+    def train_step():
         adapter.v.grad = None
-        model(input_ids=ids).logits.float().mean().backward()
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(not adapter.enabled)
+        model(inputs_embeds=emb).logits.float().mean().backward()
 
-    t_adapter = median_time(adapter_step, args.reps)
-    with torch.no_grad():
-        with adapter.merged_weights():
-            t_gen_merged = median_time(generate, args.reps)
-        if weights:
-            with weights.active():  # int8 base + the adapter's fp32 hooks, as int8 rollouts run
-                t_gen_int8_hooks = median_time(generate, args.reps)
+    train = interleaved_times({"frozen": off, "adapter": contextlib.nullcontext}, train_step, args.reps)
+
+    def generate():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=0)
+
+    setups = {"base fp32": off, "tinylora merged into fp32": adapter.merged_weights}
+    for name, weights in copies.items():
+        setups[f"{name} base"] = lambda w=weights: _both(off(), w.active())
+        setups[f"{name} base + tinylora hooks ({name} rollouts)"] = weights.active
+    gen_times = interleaved_times(setups, generate, args.reps)
+
+    med = {k: statistics.median(v) for k, v in {**train, **gen_times}.items()}
     rows = [[f"training fwd+bwd, {args.batch}x{args.seq} tokens", "frozen weights (grad to input embeddings)",
-             f"{t_frozen:.3f}"],
-            ["", "tinylora unmerged (grad to v, 168 numbers)", f"{t_adapter:.3f}"],
-            [f"greedy generate, {args.gen_batch} rows x {args.new_tokens} tokens", "base fp32", f"{t_gen_base:.3f}"],
-            ["", "tinylora merged into fp32", f"{t_gen_merged:.3f}"]]
-    if weights:
-        rows += [["", "int8 base", f"{t_gen_int8_base:.3f}"],
-                 ["", "int8 base + tinylora hooks (int8 rollouts)", f"{t_gen_int8_hooks:.3f}"]]
-    print(f"random weights of Qwen2.5-0.5B's shape, {args.layers} layers, median of {args.reps}\n")
+             f"{med['frozen']:.3f}"],
+            ["", f"tinylora unmerged (grad to v, {adapter.num_trainable()} numbers)", f"{med['adapter']:.3f}"]]
+    for i, name in enumerate(setups):
+        rows.append([f"greedy generate, {args.gen_batch} rows x {args.new_tokens} tokens" if i == 0 else "",
+                     name, f"{med[name]:.3f}"])
+    print(f"random weights of Qwen2.5-0.5B's shape, {args.layers} layers, variants interleaved, "
+          f"median of {args.reps}\n")
     table(["workload", "weights", "seconds"], rows)
-    print(f"\ntraining overhead (adapter / frozen): {t_adapter / t_frozen:.3f}; generation overhead merged: "
-          f"{t_gen_merged / t_gen_base:.3f}" + (f", int8 with hooks: {t_gen_int8_hooks / t_gen_int8_base:.3f}"
-                                                 if weights else ""))
+    hooks = "".join(f", {name} with hooks: "
+                    f"{paired_ratio(gen_times, f'{name} base + tinylora hooks ({name} rollouts)', f'{name} base'):.3f}"
+                    for name in copies)
+    print(f"\noverhead, median of paired ratios: training (adapter / frozen) "
+          f"{paired_ratio(train, 'adapter', 'frozen'):.3f}; generation merged "
+          f"{paired_ratio(gen_times, 'tinylora merged into fp32', 'base fp32'):.3f}{hooks}")
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
 
 
 def bench_size(args) -> None:

@@ -1,6 +1,6 @@
-"""Reward curves of two or more runs on one plot, plus a table (issue #4: int8 vs plain rollouts).
+"""Reward curves of two or more runs on one plot, plus a table (issue #4: rollout weights compared).
 
-    python benchmarks/compare_runs.py runs/int8 runs/merged --out benchmarks/reward_int8_vs_merged.png
+    python benchmarks/compare_runs.py runs/merged runs/packed runs/int8 --out benchmarks/reward_by_rollout_weights.png
 """
 
 from __future__ import annotations

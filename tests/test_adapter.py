@@ -172,3 +172,36 @@ def test_no_grad_fast_path_equals_the_training_path_and_follows_v():
         torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
         with torch.no_grad(), adapter.disabled():
             assert (model(input_ids=ids).logits - fast).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (7,)], ids=["batch", "2d"])
+def test_hook_gradient_equals_gradient_of_merged_weights(shape):
+    """The hooks add ΔW x in place into each module's output; v's gradient through them must equal the
+    gradient through W + ΔW(v) (torch.func.functional_call), for [batch, seq] and unbatched 2-D inputs."""
+    from torch.func import functional_call
+
+    from tinylora.testing import tiny_model
+    model = tiny_model("qwen2")
+    adapter = attach(model, AdapterConfig(u=2, n_tie=3))
+    _set_v(adapter, std=0.3)
+    gen = torch.Generator().manual_seed(0)
+    if len(shape) == 1:  # one module, called on a 2-D input
+        i = 0
+        mod = adapter.modules_by_index[i]
+        x = torch.randn(shape[0], mod.in_features, generator=gen)
+        loss = lambda: mod(x).square().sum()  # noqa: E731
+        (g_hook,) = torch.autograd.grad(loss(), adapter.v)
+        with adapter.disabled():
+            ref = functional_call(mod, {"weight": mod.weight + adapter.delta_weight(i),
+                                        **({"bias": mod.bias} if mod.bias is not None else {})}, (x,))
+            (g_ref,) = torch.autograd.grad(ref.square().sum(), adapter.v)
+    else:
+        ids = torch.randint(0, 100, shape, generator=gen)
+        (g_hook,) = torch.autograd.grad(model(input_ids=ids).logits.square().mean(), adapter.v)
+        with adapter.disabled():
+            weights = {f"{t.name}.weight": adapter.modules_by_index[i].weight + adapter.delta_weight(i)
+                       for i, t in enumerate(adapter.targets)}
+            logits = functional_call(model, weights, (), {"input_ids": ids}, strict=False).logits
+            (g_ref,) = torch.autograd.grad(logits.square().mean(), adapter.v)
+    assert g_ref.abs().max() > 0
+    torch.testing.assert_close(g_hook, g_ref, atol=1e-6, rtol=1e-4)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from tinylora import cpu_weights
 from tinylora.cli import main
 from tinylora.testing import tiny_model_and_tokenizer
 
@@ -22,6 +23,7 @@ def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and "2 parameters" in text
+    assert ("rollout weights: packed fp32" in text) == cpu_weights.packed_available()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == 2 and summary["steps"] == 3
     assert summary["adapter_bytes"] < 1024
@@ -46,6 +48,15 @@ def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2]  # k samples per problem, problem by problem
     assert rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
+
+    # the exact generation paths agree: a packed copy + the adapter's hooks, and the adapter merged in
+    completions = {}
+    for weights in ("merged", "packed") if cpu_weights.packed_available() else ("merged",):
+        assert main(["eval", "--model", model_dir, "--adapter", str(out / "adapter.safetensors"), "--n", "6",
+                     "--max-new-tokens", "6", "--json", "--weights", weights, "--out", str(tmp_path / "w.jsonl")]) == 0
+        lines = (tmp_path / "w.jsonl").read_text().splitlines()
+        completions[weights] = [json.loads(line)["completion"] for line in lines]
+    assert len(set(map(tuple, completions.values()))) == 1
 
 
 def test_train_reports_bad_data_with_its_line(model_dir, tmp_path, capsys):

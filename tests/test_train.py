@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from tinylora import AdapterConfig, attach, int8
+from tinylora import AdapterConfig, attach, cpu_weights
 from tinylora.tasks import Problem
 from tinylora.testing import tiny_model_and_tokenizer
 from tinylora.train import Trainer, TrainConfig, lr_at, step_problems
@@ -60,8 +60,10 @@ def expected_reward(trainer, reward, samples=32):
     return sum(reward(c, "") for c in ro.completions) / len(ro.completions)
 
 
-@pytest.mark.parametrize("rollout_weights", ["merged", pytest.param("int8", marks=pytest.mark.skipif(
-    not int8.available(), reason="fbgemm int8 kernels exist on x86 CPUs only"))])
+@pytest.mark.parametrize("rollout_weights", [
+    "merged",
+    pytest.param("packed", marks=pytest.mark.skipif(not cpu_weights.packed_available(), reason="no oneDNN")),
+    pytest.param("int8", marks=pytest.mark.skipif(not cpu_weights.int8_available(), reason="fbgemm is x86-only"))])
 def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     # init 0.3 gives the tiny random model peaked logits, like a trained model (at 0.02 they are ~uniform)
     model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
@@ -72,7 +74,8 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     cfg = small_cfg(steps=16, lr=0.1, batch_prompts=12, group_size=16, micro_batch=64,
                     rollout_weights=rollout_weights)
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
-    assert (trainer.int8 is not None) == (rollout_weights == "int8")
+    assert type(trainer.fast) is {"merged": type(None), "packed": cpu_weights.PackedWeights,
+                                  "int8": cpu_weights.Int8Weights}[rollout_weights]
     trainer.reward_fn = reward = planted_reward(trainer, c=1.0, k=48)
     before = expected_reward(trainer, reward)
     history = trainer.fit()
@@ -85,8 +88,8 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
                 "logp_gap", "grad_norm", "lr"):
         assert key in json.loads(lines[-1]), key
     gap = json.loads(lines[-1])["logp_gap"]
-    if rollout_weights == "merged":
-        assert gap < 1e-4  # merged fp32 rollouts vs unmerged training: rounding only
+    if rollout_weights in ("merged", "packed"):
+        assert gap < 1e-4  # exact fp32 rollouts vs unmerged training: rounding only
     else:
         assert 1e-4 < gap < 0.5  # int8 rollouts: a real but small mismatch, which TIS corrects
 
@@ -172,12 +175,19 @@ def test_a_step_where_every_group_ties_still_runs(tmp_path):
 
 def test_rollout_weights_choice(tmp_path):
     model, tok = tiny_model_and_tokenizer("llama")
+    assert TrainConfig().rollout_weights == "auto"  # packed fp32 on a CPU: exact and fast
+    tiny = attach(model, AdapterConfig())
+    expected = cpu_weights.PackedWeights if cpu_weights.packed_available() else type(None)
+    assert type(Trainer(model, tok, tiny, PROBLEMS, small_cfg(), tmp_path, progress=False).fast) is expected
+    assert Trainer(model, tok, tiny, PROBLEMS, small_cfg(rollout_weights="merged"), tmp_path,
+                   progress=False).fast is None
+    tiny.detach()
     adapter = attach(model, AdapterConfig(method="full"))
-    assert TrainConfig().rollout_weights == "merged"  # exact rollouts unless asked otherwise
-    # full fine-tuning changes the weights an int8 copy was taken from: auto falls back, int8 refuses
+    # full fine-tuning changes the weights a copy was taken from: auto falls back, packed and int8 refuse
     assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="auto"), tmp_path,
-                   progress=False).int8 is None
-    with pytest.raises(ValueError, match="full fine-tuning"):
-        Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="int8"), tmp_path, progress=False)
+                   progress=False).fast is None
+    for choice in ("packed", "int8"):
+        with pytest.raises(ValueError, match="full fine-tuning"):
+            Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights=choice), tmp_path, progress=False)
     with pytest.raises(ValueError, match="rollout_weights"):
         Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="fp8"), tmp_path, progress=False)

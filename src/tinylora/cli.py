@@ -98,10 +98,12 @@ def task_problems(args, split: str, n: int | None, seed: int = 0):
 
 
 def cmd_eval(args) -> None:
+    from .cpu_weights import for_generation
     from .evaluate import evaluate
     model, adapter, tokenizer = _load_with_adapter(args)
     problems = task_problems(args, args.split, args.n)
-    result = evaluate(model, tokenizer, problems, adapter=adapter, greedy=args.samples is None,
+    weights = for_generation(model, args.weights, adapter.config.method if adapter is not None else "frozen")
+    result = evaluate(model, tokenizer, problems, adapter=adapter, weights=weights, greedy=args.samples is None,
                       samples=args.samples or 1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       batch_size=args.batch_size, reward=args.reward, out_jsonl=args.out, seed=args.seed,
                       progress=not args.json)
@@ -117,6 +119,7 @@ def cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cpu_weights import CHOICES
     from .train import TrainConfig
     parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(f.default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            g.add_argument(flag, type=type(f.default), default=f.default,
+            g.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
                            help=f"{f.metadata['help']} (default: {f.default!r})")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="sequences generated together (default: 50)")
     p.add_argument("--reward", choices=["strict", "boxed"], default="strict", help="answer rule (default: strict)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--weights", choices=CHOICES, default="auto",
+                   help="weights that generate, as --rollout-weights of train (default: auto, exact fp32)")
     p.add_argument("--out", help="write one JSON line per sample here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-strict", action="store_true", help="load the adapter even if the base fingerprint differs")

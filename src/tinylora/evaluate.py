@@ -26,13 +26,21 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
              max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
              suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
-             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval") -> dict:
-    """Score `problems` (greedy, or `samples` sampled completions each); adapter merged while generating."""
+             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None) -> dict:
+    """Score `problems` (greedy, or `samples` sampled completions each).
+
+    The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
+    given, else with the adapter merged into its weights.
+    """
     reward_fn, extract = REWARDS[reward]
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
-    with adapter.merged_weights() if adapter is not None else contextlib.nullcontext():
+    if weights is not None:
+        context = weights.active()
+    else:
+        context = adapter.merged_weights() if adapter is not None else contextlib.nullcontext()
+    with context:
         for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]
             prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)

@@ -7,7 +7,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from . import dist
+from . import cpu_weights, dist
 from .cli import adapter_config, task_problems
 from .evaluate import evaluate
 from .train import Trainer, TrainConfig
@@ -31,8 +31,14 @@ def run_training(args) -> dict:
     eval_problems = task_problems(args, "test", args.eval_n) if args.eval_n else []
     say(f"model {args.model}: {adapter.num_trainable():,} trainable parameters ({adapter.config.method}, "
         f"{len(adapter.targets)} modules, {len(adapter.groups)} groups); {len(train_problems)} training problems")
+    trainer = Trainer(model, tokenizer, adapter, train_problems, cfg, out, progress=not args.no_progress)
+    # evaluation reuses the trainer's packed copy (exact fp32); int8 rollouts are evaluated on merged fp32
+    exact_copy = trainer.fast if isinstance(trainer.fast, cpu_weights.PackedWeights) else None
+    if cfg.algo == "grpo":
+        say(f"rollout weights: {trainer.fast or 'fp32 with the adapter merged in for each rollout'}")
     ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=args.eval_batch_size, reward=cfg.reward,
-              suffix=cfg.suffix, system=cfg.system or None, progress=not args.no_progress and rank == 0)
+              suffix=cfg.suffix, system=cfg.system or None, progress=not args.no_progress and rank == 0,
+              weights=exact_copy)
 
     base_path = out / "eval_base.json"
     if eval_problems and rank == 0:
@@ -49,7 +55,6 @@ def run_training(args) -> dict:
     else:
         base = None
 
-    trainer = Trainer(model, tokenizer, adapter, train_problems, cfg, out, progress=not args.no_progress)
     t_train = time.time()
     history = trainer.fit(resume=args.resume)
     t_train = time.time() - t_train

@@ -1,0 +1,190 @@
+"""Fast copies of a model's linear weights for CPU generation (rollouts and evaluation).
+
+At decode batch sizes (M = B·G ≈ 32 rows) PyTorch's default fp32 GEMM re-packs every weight matrix on
+every call and runs at a third of this machine's matmul peak. Two copies, taken once, fix that:
+
+- `PackedWeights`: the same fp32 weights, pre-packed once in oneDNN's blocked layout (the op that
+  torch.compile's CPU freezing pass uses). Exact up to summation order (~1e-5 nats per token); on the
+  default model a GRPO rollout runs 1.6–2× faster than with plain merged weights. Costs one more fp32
+  copy of the linear weights.
+- `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: 3× faster
+  still, but the policy moves by ~0.09 nats per token and trained accuracy was lower in our runs.
+
+Either way the adapter keeps running as its fp32 hook on top (y = W̃x + s·UΣRVᵀx), so nothing is
+re-packed or re-quantized when v changes. Only for no-grad forwards: with autograd on, a module falls
+back to its plain fp32 forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CHOICES = ("auto", "packed", "merged", "int8")
+
+
+def int8_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def packed_available() -> bool:
+    """oneDNN's pre-packed linear works in this build (a private op: checked, never assumed)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 1)
+        return torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), w, None, "none", [], "").sum().item() == 6
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class LinearCopies:
+    """A per-nn.Linear copy of the weights, swapped in by `with copies.active(): ...`.
+
+    Module objects stay the same (only their forward changes while active), so forward hooks, the
+    adapter's included, keep firing.
+    """
+
+    label = ""  # what the copy is, for logs
+    bytes_per_weight = 4
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.copies: dict[str, torch.Tensor] = {}
+        self.nbytes = 0  # approximate memory of the copy
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                if isinstance(mod, nn.Linear) and mod.weight.device.type == "cpu":
+                    self.copies[name] = self.convert(mod.weight.detach())
+                    self.nbytes += self.bytes_per_weight * mod.weight.numel()
+
+    def __str__(self) -> str:
+        return f"{self.label} copy of the linear weights (+{self.nbytes / 1e9:.1f} GB), adapter as hooks"
+
+    def convert(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, copy: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def active(self):
+        mods = {name: self.model.get_submodule(name) for name in self.copies}
+        try:
+            for name, mod in mods.items():
+                mod.forward = self._forward(mod, self.copies[name])
+            yield self
+        finally:
+            for mod in mods.values():
+                mod.__dict__.pop("forward", None)
+
+    def _forward(self, mod: nn.Linear, copy: torch.Tensor):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():  # these ops have no backward: the plain fp32 forward instead
+                return F.linear(x, mod.weight, mod.bias)
+            return self.linear(x, copy, mod.bias).to(mod.weight.dtype)
+        return forward
+
+
+class PackedWeights(LinearCopies):
+    """fp32 weights pre-packed for oneDNN: exact fp32 arithmetic, ~1.4–2× faster at decode shapes."""
+
+    label = "packed fp32"
+
+    def __init__(self, model: nn.Module, rows_hint: int = 32):
+        if not packed_available():
+            raise RuntimeError("this PyTorch build has no oneDNN packed linear; use --rollout-weights merged")
+        self.rows_hint = rows_hint
+        super().__init__(model)
+
+    def convert(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dtype != torch.float32:
+            raise ValueError(f"packed rollout weights are fp32; the model is {weight.dtype} (use 'merged')")
+        return torch.ops.mkldnn._reorder_linear_weight(weight, self.rows_hint)
+
+    def linear(self, x, copy, bias):
+        return torch.ops.mkldnn._linear_pointwise(x.float(), copy, bias, "none", [], "")
+
+
+class Int8Weights(LinearCopies):
+    """int8 weights through fbgemm: ¼ of the fp32 memory, ~3× faster than fp32 rollouts on AVX2, approximate."""
+
+    label, bytes_per_weight = "int8", 1
+
+    def __init__(self, model: nn.Module):
+        if not int8_available():
+            raise RuntimeError("int8 rollouts need PyTorch's fbgemm engine (x86 CPU); use --rollout-weights merged")
+        torch.backends.quantized.engine = "fbgemm"
+        super().__init__(model)
+
+    def convert(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_prepack(quantize_weight(weight), None)
+
+    def linear(self, x, copy, bias):
+        # fbgemm quantizes activations with one scale per call; a few tokens (the first of each
+        # sequence) carry activations ~100× the rest and would flatten everyone else's. Scaling each
+        # token to max |x| = 1 first makes that scale per token (the mean per-token log-prob gap to
+        # fp32 on the default model fell from 0.90 to 0.086 nats).
+        x = x.float()
+        norm = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [..., 1]
+        # reduce_range: 7-bit activations, which fbgemm's AVX2 kernels need to avoid overflow
+        y = torch.ops.quantized.linear_dynamic(x / norm, copy, True) * norm  # [..., out]
+        return y if bias is None else y + bias
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8: [out, in] fp32 → quantized tensor (scale = max|row| / 127)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # [out]
+    zero = torch.zeros_like(scale, dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated upstream; torch is pinned here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(w, scale, zero, axis=0, dtype=torch.qint8)
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can get without swapping (Linux MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of an fp32 copy of every nn.Linear weight: what a packed copy costs."""
+    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylora") -> LinearCopies | None:
+    """The weight copy `choice` asks for, or None: generate with the adapter merged into the weights.
+
+    'auto' is packed fp32 where it applies (fp32 weights on a CPU with oneDNN) and the copy takes at
+    most half of the memory available now (training still needs room for activations), else merged.
+    A copy is taken once, so full fine-tuning (which changes the weights themselves) uses merged.
+    """
+    if choice not in CHOICES:
+        raise ValueError(f"rollout_weights={choice!r}: expected one of {', '.join(CHOICES)}")
+    weight = next(model.parameters())
+    if choice == "auto":
+        fits = weight.device.type == "cpu" and weight.dtype == torch.float32 and method != "full"
+        free = available_memory() if fits else None
+        fits = fits and (free is None or linear_bytes(model) <= free / 2)
+        choice = "packed" if fits and packed_available() else "merged"
+    if choice == "merged":
+        return None
+    if method == "full":
+        raise ValueError(f"rollout_weights={choice!r} copies the weights once, but full fine-tuning changes them: "
+                         "use 'merged'")
+    if weight.device.type != "cpu":
+        raise ValueError(f"rollout_weights={choice!r} is for CPU models; this one is on {weight.device}: use 'merged'")
+    return PackedWeights(model) if choice == "packed" else Int8Weights(model)
