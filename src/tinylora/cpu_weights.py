@@ -5,7 +5,7 @@ every call and runs at a third of this machine's matmul peak. Two copies, taken 
 
 - `PackedWeights`: the same fp32 weights, pre-packed once in oneDNN's blocked layout (the op that
   torch.compile's CPU freezing pass uses). Exact up to summation order (~1e-5 nats per token); on the
-  default model a GRPO rollout runs 1.6–2× faster than with plain merged weights. Costs one more fp32
+  default model a GRPO rollout runs 1.6–1.7× faster than with plain merged weights (measured). Costs one more fp32
   copy of the linear weights.
 - `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: 3× faster
   still, but the policy moves by ~0.09 nats per token and trained accuracy was lower in our runs.
