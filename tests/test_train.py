@@ -157,8 +157,10 @@ def test_two_process_data_parallel_run(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    "29533", str(script), str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
+    # --standalone: a local rendezvous on a free port (a fixed port can be taken on a shared CI machine)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
     v0 = json.loads((tmp_path / "v0.json").read_text())
     v1 = json.loads((tmp_path / "v1.json").read_text())
     assert v0 == v1 and any(x != 0 for x in v0)  # all-reduced gradients keep the ranks in lockstep
