@@ -12,7 +12,6 @@ full length: a steady batch) and, if the default model is available, on the real
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 
@@ -73,13 +72,9 @@ def bench_ceiling(args) -> None:
             adapter = attach(model, AdapterConfig(), progress=False)
             with torch.no_grad():
                 adapter.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-        for wname in ("fp32", "packed fp32", "int8"):
-            kind = {"packed fp32": cpu_weights.PackedWeights, "int8": cpu_weights.Int8Weights}.get(wname)
-            weights = kind(model) if kind else None
-            if weights is not None:
-                context = weights.active
-            else:
-                context = functools.partial(adapter.merged_weights, exact=True) if adapter else contextlib.nullcontext
+        for wname, choice in (("fp32", "merged"), ("packed fp32", "packed"), ("int8", "int8")):
+            weights = cpu_weights.for_generation(model, choice)
+            context = functools.partial(cpu_weights.generating, weights, adapter, exact=True)  # as the trainer
             sec, n_tok = timed_rollout(model, tok, prompts, args, context)
             tps = n_tok / sec
             results[(label, wname)] = tps

@@ -5,10 +5,11 @@ every call and runs at a third of this machine's matmul peak. Two copies, taken 
 
 - `PackedWeights`: the same fp32 weights, pre-packed once in oneDNN's blocked layout (the op that
   torch.compile's CPU freezing pass uses). Exact up to summation order (~1e-5 nats per token); on the
-  default model a GRPO rollout runs 1.6–1.7× faster than with plain merged weights (measured). Costs one more fp32
-  copy of the linear weights.
-- `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: 3× faster
-  still, but the policy moves by ~0.09 nats per token and trained accuracy was lower in our runs.
+  default model a GRPO rollout runs 1.5–1.7× faster than with plain merged weights (measured). Costs
+  one more fp32 copy of the linear weights.
+- `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: ~1.8×
+  faster than packed (~3× plain fp32), but the policy moves by ~0.09 nats per token and trained
+  accuracy was lower in our runs.
 
 Either way the adapter keeps running as its fp32 hook on top (y = W̃x + s·UΣRVᵀx), so nothing is
 re-packed or re-quantized when v changes. Only for no-grad forwards: with autograd on, a module falls
@@ -53,13 +54,9 @@ class LinearCopies:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.copies: dict[str, torch.Tensor] = {}
-        self.nbytes = 0  # approximate memory of the copy
+        self.nbytes = linear_bytes(model, self.bytes_per_weight)  # approximate memory of the copy
         with torch.no_grad():
-            for name, mod in model.named_modules():
-                if isinstance(mod, nn.Linear) and mod.weight.device.type == "cpu":
-                    self.copies[name] = self.convert(mod.weight.detach())
-                    self.nbytes += self.bytes_per_weight * mod.weight.numel()
+            self.copies = {name: self.convert(mod.weight.detach()) for name, mod in _cpu_linears(model)}
 
     def __str__(self) -> str:
         return f"{self.label} copy of the linear weights (+{self.nbytes / 1e9:.1f} GB), adapter as hooks"
@@ -90,7 +87,7 @@ class LinearCopies:
 
 
 class PackedWeights(LinearCopies):
-    """fp32 weights pre-packed for oneDNN: exact fp32 arithmetic, ~1.4–2× faster at decode shapes."""
+    """fp32 weights pre-packed for oneDNN: exact fp32 arithmetic; decode-shaped GEMMs ran 2–3.7× faster."""
 
     label = "packed fp32"
 
@@ -160,9 +157,23 @@ def available_memory() -> int | None:
         return None
 
 
-def linear_bytes(model: nn.Module) -> int:
-    """Bytes of an fp32 copy of every nn.Linear weight: what a packed copy costs."""
-    return sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+def _cpu_linears(model: nn.Module):
+    """(name, module) of every nn.Linear on the CPU: what a copy replaces."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
+
+
+def linear_bytes(model: nn.Module, bytes_per_weight: int = 4) -> int:
+    """Bytes of a copy of every CPU nn.Linear weight (fp32 by default: what a packed copy costs)."""
+    return sum(bytes_per_weight * m.weight.numel() for _, m in _cpu_linears(model))
+
+
+def generating(weights: LinearCopies | None, adapter=None, exact: bool = False):
+    """The context a model generates in: the weight copy (the adapter running as hooks on top) when there
+    is one, else the adapter merged into the weights (`exact`: as `Adapter.merged_weights`), else as is."""
+    if weights is not None:
+        return weights.active()
+    return adapter.merged_weights(exact=exact) if adapter is not None else contextlib.nullcontext()
 
 
 def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylora") -> LinearCopies | None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .cpu_weights import generating
 from .rewards import REWARDS
 from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample
 from .tasks import Problem
@@ -36,11 +36,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
-    if weights is not None:
-        context = weights.active()
-    else:
-        context = adapter.merged_weights() if adapter is not None else contextlib.nullcontext()
-    with context:
+    with generating(weights, adapter):
         for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]
             prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)

@@ -50,10 +50,11 @@ class TrainConfig:
     reward: str = field(default="strict", metadata={"help": "'strict' (last #### number) or 'boxed' (math-verify)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (memory)"})
     rollout_weights: str = field(default="auto", metadata={
-        "help": "weights that generate rollouts: 'packed' (fp32, pre-packed once for oneDNN, adapter as hooks: exact, "
-                "1.6–2× faster than merged on CPU, one more fp32 copy of the weights), 'merged' (fp32 W + ΔW, "
-                "exact), 'int8' (int8 base + fp32 adapter: ~3× faster than packed, approximate, lower accuracy "
-                "after training in our runs), 'auto' (packed on a CPU with fp32 weights, else merged; default)",
+        "help": "weights that generate rollouts: 'packed' (fp32, pre-packed once for oneDNN, adapter as hooks: "
+                "exact, 1.5–1.7× faster rollouts than merged on CPU, one more fp32 copy of the weights), 'merged' "
+                "(fp32 W + ΔW, exact), 'int8' (int8 base + fp32 adapter: ~1.8× faster than packed, approximate, "
+                "lower accuracy after training in our runs), 'auto' (packed on a CPU with fp32 weights, else merged; "
+                "default)",
         "choices": cpu_weights.CHOICES})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N steps"})
@@ -112,8 +113,7 @@ class Trainer:
         cfg = self.cfg
         prompts = chat_prompts(self.tok, [p.question for p in problems], cfg.suffix, cfg.system or None)
         # a packed/int8 base + the adapter's hooks, or the adapter merged into the fp32 weights
-        weights = self.fast.active() if self.fast is not None else self.adapter.merged_weights(exact=True)
-        with weights:  # N = B·G rows, group by group
+        with cpu_weights.generating(self.fast, self.adapter, exact=True):  # N = B·G rows, group by group
             ro = sample(self.model, self.tok, prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,
                         temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
         golds = [p.answer for p in problems for _ in range(cfg.group_size)]
