@@ -49,3 +49,29 @@ def test_boxed_nested_and_never_raises():
     assert extract_boxed("x \\boxed{\\sqrt{\\frac{1}{4}}} y") == "\\sqrt{\\frac{1}{4}}"
     for bad in [None, 5, "\\boxed{}}}}", "\\boxed{\\undefinedmacro{x}}"]:
         assert boxed_reward(bad, "1") in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("The answer is 7", "7", 1.0),  # no format needed
+    ("3 + 4 = 7\n#### 7", "7", 1.0),
+    ("#### 7 because 3 + 4 makes 8", "7", 0.0),  # the last number counts, whatever the format says
+    ("so she has 1,234 apples.", "1234", 1.0),
+    ("a loss of -5", "-5", 1.0),
+    ("it costs $3.50.", "3.5", 1.0),
+    ("seven", "7", 0.0),
+    ("", "7", 0.0),
+])
+def test_lenient_reward_takes_the_last_number(completion, gold, expected):
+    from tinylora.rewards import lenient_reward
+    assert lenient_reward(completion, gold) == expected
+
+
+def test_evaluation_scores_strict_and_lenient_side_by_side():
+    from tinylora.evaluate import evaluate
+    from tinylora.tasks import Problem
+    from tinylora.testing import tiny_model_and_tokenizer
+    model, tok = tiny_model_and_tokenizer("llama")
+    problems = [Problem("1 + 1 ?", str(i)) for i in range(6)]
+    result = evaluate(model, tok, problems, max_new_tokens=4, progress=False)
+    assert {"accuracy", "ci95", "lenient_accuracy", "lenient_ci95"} <= set(result)
+    assert result["lenient_ci95"][0] <= result["lenient_accuracy"] <= result["lenient_ci95"][1]

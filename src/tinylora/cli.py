@@ -1,4 +1,4 @@
-"""The `tinylora` command: train, eval, count, info, export, merge."""
+"""The `tinylora` command: train, sweep, eval, count, info, export, merge."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def adapter_config(args) -> AdapterConfig:
 def cmd_train(args) -> None:
     from .run import run_training
     run_training(args)
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+    rows = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 def cmd_count(args) -> None:
@@ -112,20 +118,18 @@ def cmd_eval(args) -> None:
         print(json.dumps(result))
     else:
         lo, hi = result["ci95"]
+        llo, lhi = result["lenient_ci95"]
         print(f"accuracy {result['accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}, {result['n_samples']} samples"
               f" of {result['n_problems']} problems, reward {args.reward})")
+        print(f"lenient  {result['lenient_accuracy']:.1%}  (95% CI {llo:.1%}-{lhi:.1%}: the last number in the"
+              " completion equals the gold)")
         if args.out:
             print(f"per-sample results: {args.out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .cpu_weights import CHOICES
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of `tinylora train` (also how `tinylora sweep` checks a spec's options)."""
     from .train import TrainConfig
-    parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="fine-tune with GRPO (or SFT); with no arguments, the embedded default run",
-                       description="Evaluate the base model, train, evaluate again, write the adapter and a summary.")
     add_task_args(p, default_n=2000)
     add_adapter_args(p, n_tie="1", seed=False)
     g = p.add_argument_group("training")
@@ -143,7 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out problems evaluated before and after, the same set for every --seed (0: skip)")
     g.add_argument("--eval-batch-size", type=int, default=50, help="sequences generated together in evaluation")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cpu_weights import CHOICES
+    parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with GRPO (or SFT); with no arguments, the embedded default run",
+                       description="Evaluate the base model, train, evaluate again, write the adapter and a summary.")
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run many `train` runs from a TOML spec, resumably, into one results.csv",
+                       description="Run every run of SPEC not yet finished under OUT (each `tinylora train "
+                       "--resume` in OUT/runs/NAME/), then write OUT/results.csv and OUT/accuracy_vs_params.png. "
+                       "Rerun the same command to continue after Ctrl-C, kill -9 or a crash.",
+                       epilog="SPEC: a [shared] table and [[run]] tables of train options without the dashes "
+                              "(steps = 20, n-tie = [\"all\", 16]); a list expands into one run per value, "
+                              "several lists into their grid.")
+    p.add_argument("spec", help="sweep spec (.toml)")
+    p.add_argument("--out", required=True, help="sweep folder: runs/, results.csv, accuracy_vs_params.png")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their train flags, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="accuracy (95% CI) of a model, with or without an adapter")
     add_task_args(p, default_n=100)
@@ -195,14 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tinylora {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cpu_weights import generating
-from .rewards import REWARDS
+from .rewards import REWARDS, extract_last_number, lenient_reward
 from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample
 from .tasks import Problem
 
@@ -27,7 +27,9 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
              max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
              suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
              out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None) -> dict:
-    """Score `problems` (greedy, or `samples` sampled completions each).
+    """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and by the
+    lenient rule beside it (the last number in the completion equals the gold): `accuracy`/`ci95` and
+    `lenient_accuracy`/`lenient_ci95`, and both verdicts on every JSONL row.
 
     The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
     given, else with the adapter merged into its weights.
@@ -46,15 +48,19 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
                 i, p, prompt = start + j // k, chunk[j // k], prompts[j // k]
                 rows.append({"index": i, "prompt": prompt, "completion": completion,
                              "extracted": extract(completion), "gold": p.answer,
-                             "correct": bool(reward_fn(completion, p.answer))})
+                             "correct": bool(reward_fn(completion, p.answer)),
+                             "lenient_extracted": extract_last_number(completion),
+                             "lenient_correct": bool(lenient_reward(completion, p.answer))})
     n = len(rows)
-    correct = sum(r["correct"] for r in rows)
-    lo, hi = wilson_interval(correct, n)
-    result = {"accuracy": correct / max(n, 1), "ci95": [lo, hi], "n_problems": len(problems), "n_samples": n,
-              "samples_per_problem": k, "greedy": greedy, "reward": reward}
-    if k > 1:
-        solved = {r["index"] for r in rows if r["correct"]}
-        result["pass_at_k"] = len(solved) / max(len(problems), 1)
+    result = {"n_problems": len(problems), "n_samples": n, "samples_per_problem": k, "greedy": greedy,
+              "reward": reward}
+    for prefix, key in (("", "correct"), ("lenient_", "lenient_correct")):
+        correct = sum(r[key] for r in rows)
+        result[prefix + "accuracy"] = correct / max(n, 1)
+        result[prefix + "ci95"] = list(wilson_interval(correct, n))
+        if k > 1:
+            solved = {r["index"] for r in rows if r[key]}
+            result[prefix + "pass_at_k"] = len(solved) / max(len(problems), 1)
     if out_jsonl:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "w") as f:

@@ -7,6 +7,8 @@ penalty) would silently change the distribution that the policy gradient assumes
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,16 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> torch.Tenso
     return (~after_eos).long()
 
 
+@functools.cache
+def _cache_arg(model_class: type) -> str:
+    """The forward() argument that takes a KV cache: `cache` in newer transformers, `past_key_values` in older."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    return {_cache_arg(type(model)): cache, "use_cache": True}
+
+
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     """Run left-padded prompts [b, P] once and repeat the result for `repeats` rows each.
 
@@ -74,7 +86,7 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     from transformers import DynamicCache
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(model, cache),
                    logits_to_keep=1).logits  # [b, 1, V]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
@@ -150,7 +162,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
             rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # [n, P + t + 1]
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # [n, V]
+                       **with_cache(model, cache)).logits[:, -1]  # [n, V]
         next_pos = next_pos + 1
     completion = tokens[:, :length]  # [N, C]
     cmask = completion_mask(completion, eos.tolist())  # [N, C]
@@ -191,7 +203,7 @@ def group_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     if C > 1:
         mask = torch.cat([mask, completion_att[:, :-1]], dim=1)  # [N, P + C - 1]
         cpos = pos[:, -1:] + 1 + torch.arange(C - 1, device=pos.device)  # [N, C - 1]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=cpos, past_key_values=cache,
-                     use_cache=True).logits  # [N, C - 1, V] predict completion tokens 1..C-1
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=cpos,
+                     **with_cache(model, cache)).logits  # [N, C - 1, V] predict completion tokens 1..C-1
         logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
     return token_logprobs(logits, completion_ids, temperature)  # [N, C]

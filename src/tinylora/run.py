@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -31,7 +32,8 @@ def run_training(args) -> dict:
     eval_problems = task_problems(args, "test", args.eval_n) if args.eval_n else []
     say(f"model {args.model}: {adapter.num_trainable():,} trainable parameters ({adapter.config.method}, "
         f"{len(adapter.targets)} modules, {len(adapter.groups)} groups); {len(train_problems)} training problems")
-    trainer = Trainer(model, tokenizer, adapter, train_problems, cfg, out, progress=not args.no_progress)
+    label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
+    trainer = Trainer(model, tokenizer, adapter, train_problems, cfg, out, progress=not args.no_progress, label=label)
     # evaluation reuses the trainer's packed copy (exact fp32); int8 rollouts are evaluated on merged fp32
     exact_copy = trainer.fast if isinstance(trainer.fast, cpu_weights.PackedWeights) else None
     if cfg.algo == "grpo":
@@ -46,12 +48,12 @@ def run_training(args) -> dict:
             base = json.loads(base_path.read_text())
         else:
             with adapter.disabled():
-                base = evaluate(model, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl", desc="eval base",
-                                **ev)
+                base = evaluate(model, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl",
+                                desc=label + "eval base", **ev)
             base["step"] = 0
             out.mkdir(parents=True, exist_ok=True)
             base_path.write_text(json.dumps(base))
-        say(f"base accuracy {_fmt(base)}")
+        say(f"base accuracy {_fmt(base)} ({cfg.reward}), {_fmt(base, 'lenient_')} (lenient: last number)")
     else:
         base = None
 
@@ -65,7 +67,7 @@ def run_training(args) -> dict:
     final = None
     if eval_problems:
         final = evaluate(model, tokenizer, eval_problems, adapter=adapter, out_jsonl=out / "eval_final.jsonl",
-                         desc="eval final", **ev)
+                         desc=label + "eval final", **ev)
         final["step"] = len(history)
     steps_done = [m for m in history if "tokens_per_s" in m]
     summary = {
@@ -84,7 +86,9 @@ def run_training(args) -> dict:
         plot_run(history, [e for e in (base, final) if e], out)
     say("\n" + "=" * 64)
     if base and final:
-        say(f"accuracy  {_fmt(base)}  →  {_fmt(final)}")
+        say(f"accuracy  {_fmt(base)}  →  {_fmt(final)}  ({cfg.reward})")
+        if "lenient_accuracy" in base:  # a base eval from before lenient scoring existed has none
+            say(f"          {_fmt(base, 'lenient_')}  →  {_fmt(final, 'lenient_')}  (lenient: the last number)")
     say(f"trained   {summary['trainable_params']:,} parameters, adapter file {summary['adapter_bytes']} bytes "
         f"({adapter_path})")
     say(f"time      {summary['wall_seconds'] / 60:.1f} min total, {summary['steps']} steps of "
@@ -96,6 +100,6 @@ def run_training(args) -> dict:
     return summary
 
 
-def _fmt(e: dict) -> str:
-    lo, hi = e["ci95"]
-    return f"{e['accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}, n={e['n_samples']}]"
+def _fmt(e: dict, prefix: str = "") -> str:
+    lo, hi = e[prefix + "ci95"]
+    return f"{e[prefix + 'accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}, n={e['n_samples']}]"

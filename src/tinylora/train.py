@@ -31,14 +31,16 @@ from .tasks import Problem
 
 @dataclass
 class TrainConfig:
-    algo: str = field(default="grpo", metadata={"help": "'grpo' (reinforcement learning) or 'sft' (gold solutions)"})
+    algo: str = field(default="grpo", metadata={"help": "'grpo' (reinforcement learning) or 'sft' (gold solutions)",
+                                                "choices": ("grpo", "sft")})
     steps: int = field(default=20, metadata={"help": "optimizer steps"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step (split over ranks)"})
     group_size: int = field(default=4, metadata={"help": "G: samples per prompt (GRPO)"})
     max_new_tokens: int = field(default=32, metadata={"help": "completion length limit"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate of v"})
-    schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warmup"})
+    schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warmup",
+                                                        "choices": ("constant", "cosine")})
     warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
@@ -47,7 +49,9 @@ class TrainConfig:
     beta: float = field(default=0.0, metadata={"help": "KL coefficient to the base model (v = 0); 0 = off"})
     tis_cap: float = field(default=2.0, metadata={"help": "cap of the rollout/train importance weight"})
     std_norm: bool = field(default=True, metadata={"help": "divide advantages by the group std (off: Dr. GRPO)"})
-    reward: str = field(default="strict", metadata={"help": "'strict' (last #### number) or 'boxed' (math-verify)"})
+    reward: str = field(default="strict", metadata={
+        "help": "'strict' (last #### number), 'boxed' (math-verify) or 'lenient' (last number)",
+        "choices": tuple(REWARDS)})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (memory)"})
     rollout_weights: str = field(default="auto", metadata={
         "help": "weights that generate rollouts: 'packed' (fp32, pre-packed once for oneDNN, adapter as hooks: "
@@ -89,7 +93,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 class Trainer:
     def __init__(self, model, tokenizer, adapter, problems: list[Problem], cfg: TrainConfig, out: Path,
-                 progress: bool = True):
+                 progress: bool = True, label: str = ""):
+        self.label = label  # shown before the progress bar (a sweep puts "[3/24 ETA 1h05m]" there)
         self.model, self.tok, self.adapter, self.problems, self.cfg, self.out = model, tokenizer, adapter, \
             problems, cfg, Path(out)
         self.rank, self.world = dist.init()
@@ -254,7 +259,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.algo, disable=not self.progress)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=self.label + cfg.algo,
+                   disable=not self.progress)
         try:
             for step in bar:
                 m = self.train_step(step)

@@ -1,0 +1,364 @@
+"""`tinylora sweep SPEC --out DIR`: many `tinylora train` runs from one small TOML file, resumable.
+
+    [shared]                       # options of every run: `tinylora train` flags without the dashes
+    steps = 20
+    eval-n = 200
+
+    [[run]]                        # a group of runs; a list expands into one run per element,
+    algo = "grpo"                  # several lists into their grid (the first list varies slowest)
+    n-tie = ["all", 16, 1]
+    lr = [3e-3, 1e-2]
+
+Each run is its own `tinylora train --resume` process in DIR/runs/NAME/ (NAME: the options that vary
+across the sweep), so a failed run (bad value, out of memory) is recorded with its error and the sweep
+goes on, and an interrupted one continues from its last checkpoint: Ctrl-C or kill -9 loses at most the
+step in flight. Finished runs are skipped, also when only DIR/results.csv survives. After every run
+DIR/results.csv (one row per run) and DIR/accuracy_vs_params.png are rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESERVED = ("out", "resume")  # the sweep sets these itself
+# options that change what the base model's evaluation produces: runs that agree on all of them share it
+EVAL_KEYS = ("model", "dtype", "task", "data", "gsm8k_dir", "levels", "eval_n", "eval_batch_size", "max_new_tokens",
+             "suffix", "system", "reward", "algo")
+RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
+                  "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
+                  "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
+                  "wall_seconds", "train_seconds")
+TIME_COLUMNS = ("wall_seconds", "train_seconds")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # raise instead of exiting: the sweep names the run and the spec
+        raise ValueError(message)
+
+
+@dataclass
+class Run:
+    name: str
+    options: dict  # as written in the spec (dashes), after expansion
+    argv: list[str]
+    args: argparse.Namespace  # train's parsed flags, defaults filled in
+    key: str = field(init=False)  # a hash of argv: a run folder made with other options is not this run
+
+    def __post_init__(self):
+        self.key = hashlib.sha256("\0".join(self.argv).encode()).hexdigest()[:12]
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .cli import add_train_args
+    p = _Parser(prog="tinylora train", add_help=False)
+    add_train_args(p)
+    return p
+
+
+def to_argv(options: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """{"n-tie": 16, "std-norm": False, "targets": "q_proj v_proj"} → ["--n-tie", "16", "--no-std-norm", ...]."""
+    flags = {a.dest: a for a in parser._actions}
+    argv = []
+    for k, v in options.items():
+        dest = k.replace("-", "_")
+        action = flags.get(dest)
+        if action is None or dest in RESERVED or dest == "help":
+            raise ValueError(f"unknown option {k!r}" if dest not in RESERVED else f"{k!r} is set by the sweep itself")
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(v, bool):
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(flag if v else "--no-" + flag[2:])
+            elif v:
+                argv.append(flag)
+            continue
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"option {k!r}: expected one value, got {v!r}")
+        argv.append(flag)
+        argv.extend(str(v).split() if action.nargs in ("+", "*") else [str(v)])
+    return argv
+
+
+def load_spec(path: str | Path) -> list[Run]:
+    """The runs a spec file describes, checked against `tinylora train`'s flags before anything runs."""
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sweep spec not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(spec) - {"shared", "run"}
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; a spec has [shared] and [[run]] entries")
+    shared = spec.get("shared", {})
+    groups = spec.get("run", [{}])
+    if not isinstance(shared, dict) or not isinstance(groups, list):
+        raise ValueError(f"{path}: [shared] must be a table and each [[run]] a table")
+    expanded = []  # (group number, options)
+    for gi, group in enumerate(groups, start=1):
+        merged = {**shared, **group}
+        lists = [k for k, v in merged.items() if isinstance(v, list)]
+        for combo in itertools.product(*(merged[k] for k in lists)):
+            expanded.append((gi, {**merged, **dict(zip(lists, combo))}))
+    if not expanded:
+        raise ValueError(f"{path}: no runs (an empty list expands to nothing)")
+    # a run's name: its explicit `name`, then the options whose values differ across the sweep
+    keys = list(dict.fromkeys(k for _, o in expanded for k in o if k != "name"))
+    varying = [k for k in keys if len({json.dumps(o.get(k)) for _, o in expanded}) > 1]
+    parser, runs, seen = train_parser(), [], {}
+    for gi, options in expanded:
+        name = options.get("name")
+        parts = ([str(name)] if name else []) + [f"{k}={options[k]}" for k in varying if k in options]
+        name = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts) or "run")
+        opts = {k: v for k, v in options.items() if k != "name"}
+        where = f"{path}: run {name!r} (entry {gi})"
+        try:
+            argv = to_argv(opts, parser)
+            args = parser.parse_args(argv)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if name in seen:
+            raise ValueError(f"{where}: the same name as another run; give the entries different `name`s")
+        seen[name] = True
+        runs.append(Run(name, opts, argv, args))
+    return runs
+
+
+# ---- one run -------------------------------------------------------------------------------------
+def eval_key(run: Run) -> str:
+    a = run.args
+    full = a.method == "full"  # generates with merged weights, not the packed copy: another summation order
+    return json.dumps([getattr(a, k) for k in EVAL_KEYS] + [full])
+
+
+def summary_of(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(run: Run, run_dir: Path) -> bool:
+    s = summary_of(run_dir)
+    return bool(s) and not s.get("stopped_early") and s.get("steps", 0) >= run.args.steps \
+        and (run.args.eval_n == 0 or s.get("final_eval") is not None)
+
+
+def _die_with_parent() -> None:
+    """In the child: Linux sends it SIGKILL when the sweep dies, even by kill -9 (no orphaned training)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, str]:
+    """Train one run to completion (resuming its checkpoint); (exit code, last error line)."""
+    cmd = [sys.executable, "-m", "tinylora", "train", *run.argv, "--out", str(run_dir), "--resume"]
+    if not progress:
+        cmd.append("--no-progress")
+    env = {**os.environ, "TINYLORA_PROGRESS_LABEL": label}
+    with open(run_dir / "train.log", "ab") as log:
+        # its own session: a terminal's Ctrl-C reaches only the sweep, which passes it on once
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        tail = bytearray()
+
+        def relay():  # the child's progress bars and errors: shown live, the end kept for the error
+            while chunk := os.read(proc.stderr.fileno(), 4096):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                log.write(chunk)
+                tail.extend(chunk)
+                del tail[:-8192]
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+
+        def forward(signum, frame):
+            proc.send_signal(signal.SIGINT)  # the trainer finishes its step and saves (twice: stops at once)
+            _stop.set()
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        reader.join(timeout=10)
+    return rc, _error_line(rc, tail.decode(errors="replace"))
+
+
+def _error_line(rc: int, stderr: str) -> str:
+    if rc == 0:
+        return ""
+    if rc < 0:
+        name = signal.Signals(-rc).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    lines = [x.strip() for x in re.split(r"[\r\n]", stderr) if x.strip()]
+    for line in reversed(lines):
+        if line.startswith("tinylora train: error:"):
+            return line[len("tinylora train: error:"):].strip()
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
+            return line
+    return f"exit code {rc}" + (f": {lines[-1]}" if lines else "")
+
+
+_stop = threading.Event()  # set by Ctrl-C / SIGTERM: no new run starts
+
+
+# ---- results -------------------------------------------------------------------------------------
+def result_row(run: Run, status: str, error: str, summary: dict | None, option_keys: list[str]) -> dict:
+    row = {"name": run.name, "status": status, "error": error, "run_key": run.key}
+    row.update({k: run.options.get(k, "") for k in option_keys})
+    row.update(algo=run.args.algo, method=run.args.method, steps=run.args.steps)
+    if summary:
+        base, final = summary.get("base_eval") or {}, summary.get("final_eval") or {}
+        row.update(algo=summary["algo"], method=summary["config"]["method"],
+                   trainable_params=summary["trainable_params"], adapter_bytes=summary["adapter_bytes"],
+                   steps=summary["steps"], rule=final.get("reward", base.get("reward", "")),
+                   n_eval=final.get("n_samples", base.get("n_samples", "")),
+                   wall_seconds=summary["wall_seconds"], train_seconds=summary["train_seconds"])
+        for prefix, e in (("base", base), ("final", final)):
+            for name, key in (("acc", ""), ("lenient", "lenient_")):
+                if key + "accuracy" in e:
+                    lo, hi = e[key + "ci95"]
+                    row.update({f"{prefix}_{name}": round(e[key + "accuracy"], 4),
+                                f"{prefix}_{name}_lo": round(lo, 4), f"{prefix}_{name}_hi": round(hi, 4)})
+    return row
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Rows of an earlier results.csv by run name (how a sweep whose run folders are gone still knows)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def write_results(path: Path, rows: list[dict], option_keys: list[str]) -> None:
+    columns = ["name", "status", "error", "run_key", *option_keys, *RESULT_COLUMNS]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+    m = round(seconds / 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
+
+
+# ---- the sweep -----------------------------------------------------------------------------------
+def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_run: bool = False) -> list[dict]:
+    """Run every run of `spec` not yet finished under `out`; return the rows of results.csv."""
+    from .sweep_plots import plot_sweep
+    runs = load_spec(spec)
+    out = Path(out)
+    # options as written; algo, method and steps get their own (resolved) result columns
+    option_keys = [k for k in dict.fromkeys(k for r in runs for k in r.options) if k not in RESULT_COLUMNS]
+    if dry_run:
+        for r in runs:
+            print(f"{r.name}: tinylora train {' '.join(r.argv)}")
+        return []
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"another `tinylora sweep` is running in {out}") from None
+    results_path = out / "results.csv"
+    earlier = read_results(results_path)
+    rows: dict[str, dict] = {}
+    todo = []
+    for r in runs:
+        d = out / "runs" / r.name
+        made = d / "run.json"
+        if made.is_file() and json.loads(made.read_text())["argv"] != r.argv:
+            raise ValueError(f"{d} was made with other options than the spec now gives run {r.name!r}; "
+                             "delete or rename that folder to rerun it")
+        if is_done(r, d):
+            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys)
+        elif earlier.get(r.name, {}).get("status") == "done" and earlier[r.name].get("run_key") == r.key \
+                and not d.exists():
+            rows[r.name] = earlier[r.name]  # finished in an earlier sitting whose folders are gone
+        else:
+            rows[r.name] = result_row(r, "pending", "", None, option_keys)
+            todo.append(r)
+    def say(*a):
+        print(*a, flush=True)  # before the child writes its own lines
+    say(f"sweep {spec}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (out: {out})")
+    durations: list[float] = []
+    _stop.clear()
+    for i, r in enumerate(todo):
+        if _stop.is_set():
+            break
+        done = len(runs) - len(todo) + i
+        eta = f" ETA {_duration(sum(durations) / len(durations) * (len(todo) - i))}" if durations else ""
+        label = f"[{done + 1}/{len(runs)}{eta}] "
+        say(f"{label}{r.name}")
+        d = out / "runs" / r.name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.json").write_text(json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
+        _share_base_eval(r, d, runs, out)
+        t0 = time.time()
+        rc, err = run_one(r, d, label, progress)
+        if is_done(r, d):
+            durations.append(time.time() - t0)
+            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys)
+            say(f"{label}{r.name}: done, {_accuracies(rows[r.name])}")
+        elif _stop.is_set():
+            say(f"{label}{r.name}: interrupted; rerun the same command to continue from its checkpoint")
+        else:
+            rows[r.name] = result_row(r, "failed", err or f"exit code {rc}", summary_of(d), option_keys)
+            say(f"{label}{r.name}: FAILED: {rows[r.name]['error']}")
+        ordered = [rows[x.name] for x in runs]
+        write_results(results_path, ordered, option_keys)
+        plot_sweep(ordered, out / "accuracy_vs_params.png")
+    ordered = [rows[x.name] for x in runs]
+    write_results(results_path, ordered, option_keys)
+    plot_sweep(ordered, out / "accuracy_vs_params.png")
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "failed", "pending")}
+    say(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending → {results_path}")
+    lock.close()
+    return ordered
+
+
+def _accuracies(row: dict) -> str:
+    def pct(k):
+        return f"{float(row[k]):.1%}" if row.get(k) not in (None, "") else "–"
+    return (f"{pct('base_acc')} → {pct('final_acc')} ({row.get('rule')}), {pct('base_lenient')} → "
+            f"{pct('final_lenient')} (lenient), {row.get('trainable_params')} numbers")
+
+
+def _share_base_eval(run: Run, run_dir: Path, runs: list[Run], out: Path) -> None:
+    """Copy the base model's evaluation from a run that evaluated the same thing: it is the same model,
+    problems, prompt and decoding, so the numbers would be identical and cost minutes per run."""
+    if (run_dir / "eval_base.json").is_file() or not run.args.eval_n:
+        return
+    key = eval_key(run)
+    for other in runs:
+        src = out / "runs" / other.name
+        if other is not run and eval_key(other) == key and (src / "eval_base.json").is_file():
+            for name in ("eval_base.jsonl", "eval_base.json"):  # the .json last: it marks the copy complete
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, run_dir / name)
+            return

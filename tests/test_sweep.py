@@ -1,0 +1,146 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tinylora.cli import main
+from tinylora.sweep import TIME_COLUMNS, load_spec
+from tinylora.testing import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m"
+    model, tok = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_spec(tmp_path, model_dir, steps=3, extra=""):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+[shared]
+model = "{model_dir}"
+steps = {steps}
+eval-n = 4
+n = 10
+batch-prompts = 2
+max-new-tokens = 6
+u = 2
+
+[[run]]
+n-tie = ["all", 1]
+{extra}
+""")
+    return spec
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_spec_expands_lists_into_a_grid_and_names_runs_by_what_varies(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[shared]\nsteps = 5\n[[run]]\nlr = [0.01, 0.03]\nn-tie = ["all", 16]\n'
+                    '[[run]]\nname = "sft"\nalgo = "sft"\nstd-norm = false\ntargets = "q_proj v_proj"\n')
+    runs = load_spec(spec)
+    assert [r.name for r in runs] == ["lr=0.01,n-tie=all", "lr=0.01,n-tie=16", "lr=0.03,n-tie=all",
+                                      "lr=0.03,n-tie=16", "sft,algo=sft,std-norm=False,targets=q_proj_v_proj"]
+    assert runs[0].argv == ["--steps", "5", "--lr", "0.01", "--n-tie", "all"]
+    assert runs[-1].argv == ["--steps", "5", "--algo", "sft", "--no-std-norm", "--targets", "q_proj", "v_proj"]
+    assert runs[-1].args.targets == ["q_proj", "v_proj"] and runs[-1].args.std_norm is False
+    assert len({r.key for r in runs}) == 5
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[run]]\nlearning-rate = 0.1\n', "unknown option 'learning-rate'"),
+    ('[[run]]\nsteps = "many"\n', "invalid int value"),
+    ('[[run]]\nalgo = "ppo"\n', "invalid choice"),
+    ('[[run]]\nout = "x"\n', "set by the sweep itself"),
+    ('[[run]]\nlr = [0.1, 0.1]\n', "the same name as another run"),
+    ('[runs]\nlr = 0.1\n', "unknown table"),
+    ('[[run]\n', "not valid TOML"),
+])
+def test_bad_specs_fail_before_anything_runs_naming_file_and_run(tmp_path, body, message):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(body)
+    with pytest.raises(ValueError, match=message) as e:
+        load_spec(spec)
+    assert "bad.toml" in str(e.value)
+
+
+def sweep_cmd(spec, out):
+    return [sys.executable, "-m", "tinylora", "sweep", str(spec), "--out", str(out), "--no-progress"]
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, model_dir, steps=2, extra='\n[[run]]\nname = "broken"\nr = 0\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 1
+    rows = {r["name"]: r for r in read_csv(out / "results.csv")}
+    assert rows["broken,r=0"]["status"] == "failed"
+    assert "AdapterConfig.r=0 is invalid" in rows["broken,r=0"]["error"]
+    done = rows["n-tie=all"]
+    assert done["status"] == "done" and done["trainable_params"] == "2" and done["steps"] == "2"
+    for k in ("base_acc", "base_lenient", "final_acc_lo", "final_lenient_hi", "adapter_bytes", "wall_seconds"):
+        assert done[k] != "", k
+    assert (out / "accuracy_vs_params.png").is_file()
+    # the second run's base evaluation was shared, not recomputed: the same rows byte for byte
+    a, b = (out / "runs" / n / "eval_base.jsonl" for n in ("n-tie=all", "n-tie=1"))
+    assert a.read_bytes() == b.read_bytes()
+    # a finished sweep reruns nothing but the failure
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 1
+    assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_results_as_an_uninterrupted_sweep(model_dir, tmp_path):
+    spec = write_spec(tmp_path, model_dir, steps=30)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(sweep_cmd(spec, tmp_path / "whole"), env=env, check=True, capture_output=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(sweep_cmd(spec, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = cut / "runs" / "n-tie=1" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (second.is_file() and len(second.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the sweep dies at once; its training child goes down with it
+    proc.wait(timeout=30)
+    steps_before = len(second.read_text().splitlines())
+    assert 3 <= steps_before < 30, "the kill was meant to land in the middle of the second run"
+    time.sleep(1.0)  # had the child outlived the sweep, it would still be writing
+    assert len(second.read_text().splitlines()) == steps_before
+    assert not (cut / "runs" / "n-tie=1" / "summary.json").exists()
+
+    first = cut / "runs" / "n-tie=all"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.iterdir()}
+    out = subprocess.run(sweep_cmd(spec, cut), env=env, check=True, capture_output=True, text=True).stdout
+    assert "2 runs, 1 finished, 1 to run" in out
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.iterdir()} == before  # untouched
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
+    whole, resumed = read_csv(tmp_path / "whole" / "results.csv"), read_csv(cut / "results.csv")
+    assert comparable(resumed) == comparable(whole)
+    assert all(r["status"] == "done" for r in resumed)
+    for run in ("n-tie=all", "n-tie=1"):  # and the trained numbers themselves are equal
+        a, b = (load_file(str(d / "runs" / run / "adapter.safetensors"))["v"] for d in (cut, tmp_path / "whole"))
+        assert a.equal(b), run
+
+
+def test_results_csv_alone_marks_runs_finished(model_dir, tmp_path, capsys):
+    import shutil
+    spec = write_spec(tmp_path, model_dir, steps=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    shutil.rmtree(out / "runs" / "n-tie=1")  # e.g. a new machine with only the committed results.csv
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+    assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
