@@ -63,6 +63,8 @@ def test_spec_expands_lists_into_a_grid_and_names_runs_by_what_varies(tmp_path):
     ('[[run]]\nlearning-rate = 0.1\n', "unknown option 'learning-rate'"),
     ('[[run]]\nsteps = "many"\n', "invalid int value"),
     ('[[run]]\nalgo = "ppo"\n', "invalid choice"),
+    ('[[run]]\nr = 0\n', "AdapterConfig.r=0 is invalid"),
+    ('[[run]]\nlr = -1.0\n', "--lr"),
     ('[[run]]\nout = "x"\n', "set by the sweep itself"),
     ('[[run]]\nlr = [0.1, 0.1]\n', "the same name as another run"),
     ('[runs]\nlr = 0.1\n', "unknown table"),
@@ -81,12 +83,13 @@ def sweep_cmd(spec, out):
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, capsys):
-    spec = write_spec(tmp_path, model_dir, steps=2, extra='\n[[run]]\nname = "broken"\nr = 0\n')
+    broken = f'\n[[run]]\nname = "broken"\ndata = "{tmp_path}/none.jsonl"\n'  # fails when it runs
+    spec = write_spec(tmp_path, model_dir, steps=2, extra=broken)
     out = tmp_path / "out"
     assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 1
     rows = {r["name"]: r for r in read_csv(out / "results.csv")}
-    assert rows["broken,r=0"]["status"] == "failed"
-    assert "AdapterConfig.r=0 is invalid" in rows["broken,r=0"]["error"]
+    broken = next(r for name, r in rows.items() if name.startswith("broken"))
+    assert broken["status"] == "failed" and "data file not found" in broken["error"], broken["error"]
     done = rows["n-tie=all"]
     assert done["status"] == "done" and done["trainable_params"] == "2" and done["steps"] == "2"
     for k in ("base_acc", "base_lenient", "final_acc_lo", "final_lenient_hi", "adapter_bytes", "wall_seconds"):

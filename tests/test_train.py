@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tinylora import AdapterConfig, attach, cpu_weights
+from tinylora.rewards import pairwise
 from tinylora.tasks import Problem
 from tinylora.testing import tiny_model_and_tokenizer
 from tinylora.train import Trainer, TrainConfig, lr_at, step_problems
@@ -25,7 +26,7 @@ def make_trainer(tmp_path, cfg, arch="qwen2", reward=short_reward, config=None):
     adapter = attach(model, config or AdapterConfig(u=4, n_tie="all"))
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
     if reward is not None:
-        trainer.reward_fn = reward
+        trainer.reward = pairwise(reward)
     return trainer
 
 
@@ -76,7 +77,8 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
     assert type(trainer.fast) is {"merged": type(None), "packed": cpu_weights.PackedWeights,
                                   "int8": cpu_weights.Int8Weights}[rollout_weights]
-    trainer.reward_fn = reward = planted_reward(trainer, c=1.0, k=48)
+    reward = planted_reward(trainer, c=1.0, k=48)
+    trainer.reward = pairwise(reward)
     before = expected_reward(trainer, reward)
     history = trainer.fit()
     after = expected_reward(trainer, reward)
@@ -112,7 +114,9 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
 
 
 def test_nan_step_is_skipped_and_v_is_untouched(tmp_path):
-    trainer = make_trainer(tmp_path, small_cfg(steps=2), reward=lambda c, g: float("nan") if "t" in c else 0.0)
+    trainer = make_trainer(tmp_path, small_cfg(steps=2))
+    logprobs = trainer.logprobs
+    trainer.logprobs = lambda *a: logprobs(*a) * float("nan")  # a NaN loss, as from an overflow
     history = trainer.fit()
     assert all(m["skipped"] for m in history)
     assert torch.equal(trainer.adapter.v, torch.zeros_like(trainer.adapter.v))
@@ -141,12 +145,13 @@ DDP_SCRIPT = textwrap.dedent("""
     from tinylora.tasks import Problem
     from tinylora.testing import tiny_model_and_tokenizer
     from tinylora.train import Trainer, TrainConfig
+    from tinylora.rewards import pairwise
     model, tok = tiny_model_and_tokenizer("qwen2")
     adapter = attach(model, AdapterConfig(u=3, n_tie="all"), progress=False)
     problems = [Problem(f"t{20 + i} t{40 + i} ?", "0") for i in range(8)]
     cfg = TrainConfig(steps=3, batch_prompts=4, group_size=4, max_new_tokens=6, lr=0.05, suffix="", system="")
     trainer = Trainer(model, tok, adapter, problems, cfg, sys.argv[1], progress=False)
-    trainer.reward_fn = lambda c, g: float(len(c.split()) % 2)
+    trainer.reward = pairwise(lambda c, g: float(len(c.split()) % 2))
     history = trainer.fit()
     rank = os.environ["RANK"]
     open(os.path.join(sys.argv[1], f"v{rank}.json"), "w").write(json.dumps(adapter.v.flatten().tolist()))
@@ -193,3 +198,45 @@ def test_rollout_weights_choice(tmp_path):
             Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights=choice), tmp_path, progress=False)
     with pytest.raises(ValueError, match="rollout_weights"):
         Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="fp8"), tmp_path, progress=False)
+
+
+def test_one_update_per_batch_never_clips_and_several_do(tmp_path):
+    """With one update the PPO ratio is 1 by construction; from the second update of a batch on, the policy
+    has moved and a narrow clip range catches tokens."""
+    one = make_trainer(tmp_path / "a", small_cfg(steps=3, lr=0.5, eps_low=0.001, eps_high=0.001))
+    assert all(m["clip_frac"] == 0 and m["updates"] == 1 for m in one.fit())
+    several = make_trainer(tmp_path / "b", small_cfg(steps=3, lr=0.5, eps_low=0.001, eps_high=0.001,
+                                                     mini_batches=2, epochs=2))
+    history = several.fit()
+    assert all(m["updates"] == 4 for m in history)
+    assert max(m["clip_frac"] for m in history) > 0.05
+
+
+def test_clipped_updates_move_v_less_than_unclipped_ones(tmp_path):
+    moves = {}
+    for eps in (0.001, 10.0):
+        t = make_trainer(tmp_path / str(eps), small_cfg(steps=2, lr=0.5, eps_low=eps, eps_high=eps, mini_batches=1,
+                                                         epochs=4))
+        t.fit()
+        moves[eps] = t.adapter.v.norm().item()
+    assert moves[0.001] < moves[10.0]
+
+
+def test_unscored_samples_get_no_advantage(tmp_path):
+    from tinylora.grpo import group_advantages
+    adv = group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0, float("nan"), float("nan"), 2.0, 5.0]), 4)
+    assert adv[1] == 0 and adv[4] == 0 and adv[5] == 0 and torch.isfinite(adv).all()
+    assert adv[0] > 0 > adv[2]
+    trainer = make_trainer(tmp_path, small_cfg(steps=2), reward=None)
+    trainer.reward = lambda completions, **_: [None if i % 2 else float(len(c)) for i, c in enumerate(completions)]
+    history = trainer.fit()
+    assert all(m["unscored"] == 8 and 0 <= m["zero_std_frac"] <= 1 for m in history)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("algo", "ppo", "--algo"), ("schedule", "linear", "--schedule"), ("lr", -1.0, "--lr"),
+    ("group_size", 1, "--group-size"), ("mini_batches", 0, "--mini-batches"), ("reward", "exact", "--reward"),
+    ("warmup", 2.0, "--warmup")])
+def test_invalid_train_config_names_the_option(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})

@@ -31,9 +31,38 @@ def adapter_config(args) -> AdapterConfig:
                          targets=targets, seed=args.seed, v_dtype=args.v_dtype, svd=args.svd)
 
 
+def add_config_args(g, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (help from its metadata): how every config becomes flags."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            continue
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        kind = type(default) if default is not None else str
+        g.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} (default: {default!r})")
+
+
+def config_from(cls, args, **overrides):
+    """The dataclass `cls` from the flags add_config_args made (plus overrides)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **overrides)
+
+
+def train_configs(args) -> tuple:
+    """(ModelConfig, DataConfig, AdapterConfig, TrainConfig, RunConfig) of `tinylora train`'s flags; a bad
+    value raises ValueError naming its flag."""
+    from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
+    return (config_from(ModelConfig, args), config_from(DataConfig, args), adapter_config(args),
+            config_from(TrainConfig, args), config_from(RunConfig, args))
+
+
 def cmd_train(args) -> None:
-    from .run import run_training
-    run_training(args)
+    from .api import train
+    train(*train_configs(args))
 
 
 def cmd_sweep(args) -> int:
@@ -58,98 +87,50 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=None if args.json else 2))
 
 
-def _load_with_adapter(args):
-    """(model, adapter or None without --adapter, tokenizer)."""
-    from .io import load_adapter
-    from .models import load_model
-    model, tokenizer = load_model(args.model, args.dtype)
-    adapter = load_adapter(model, args.adapter, strict=not args.no_strict) if args.adapter else None
-    return model, adapter, tokenizer
-
-
 def cmd_export(args) -> None:
     from .export import export_merged, export_peft
-    _, adapter, tokenizer = _load_with_adapter(args)
-    if args.format == "peft":
-        out = export_peft(adapter, args.out)
-    else:
-        out = export_merged(adapter, args.out, tokenizer)
+    from .io import load_adapter
+    from .models import load_model
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    adapter = load_adapter(model, args.adapter, strict=args.strict)
+    out = export_peft(adapter, args.out) if args.format == "peft" else export_merged(adapter, args.out, tokenizer)
     print(f"wrote {args.format} export to {out}")
 
 
-def add_task_args(p: argparse.ArgumentParser, default_n: int) -> None:
-    from .embedded import DEFAULT_MODEL
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model folder or hub id (default: {DEFAULT_MODEL}, embedded, offline)")
-    g.add_argument("--dtype", choices=V_DTYPES, default="fp32", help="weights dtype (default: fp32)")
-    g.add_argument("--task", default="arithmetic",
-                   help="'arithmetic' (generated offline), 'gsm8k', or a .jsonl file (default: arithmetic)")
-    g.add_argument("--data", help="your own .jsonl file of {question, answer} rows (same as --task FILE)")
-    g.add_argument("--gsm8k-dir", help="folder with GSM8K train.jsonl/test.jsonl (else $TINYLORA_GSM8K_DIR, "
-                                       "else the hub)")
-    g.add_argument("--levels", default="1,2", help="arithmetic difficulty levels 1-3 (default: 1,2)")
-    g.add_argument("--n", type=int, default=default_n, help=f"problems to use (default: {default_n})")
-
-
-def task_problems(args, split: str, n: int | None, seed: int = 0):
-    from .tasks import load_task
-    task = args.data or args.task
-    kwargs = {}
-    if task == "arithmetic":
-        kwargs["levels"] = tuple(int(x) for x in args.levels.split(","))
-    elif task == "gsm8k":
-        kwargs["data_dir"] = args.gsm8k_dir
-    return load_task(task, split=split, n=n, seed=seed, **kwargs)
-
-
 def cmd_eval(args) -> None:
-    from .cpu_weights import for_generation
-    from .evaluate import evaluate
-    model, adapter, tokenizer = _load_with_adapter(args)
-    problems = task_problems(args, args.split, args.n)
-    weights = for_generation(model, args.weights, adapter.config.method if adapter is not None else "frozen")
-    result = evaluate(model, tokenizer, problems, adapter=adapter, weights=weights, greedy=args.samples is None,
-                      samples=args.samples or 1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      batch_size=args.batch_size, reward=args.reward, out_jsonl=args.out, seed=args.seed,
+    from .api import DataConfig, ModelConfig, evaluate
+    data = config_from(DataConfig, args, eval_n=0)  # a data file is evaluated whole (or its --eval-data)
+    result = evaluate(config_from(ModelConfig, args), data, adapter=args.adapter,
+                      split=args.split, n=args.n, samples=args.samples, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reward=args.reward,
+                      seed=args.seed, weights=args.weights, out=args.out, strict=args.strict,
                       progress=not args.json)
-    result.update(model=args.model, adapter=args.adapter, task=args.data or args.task, split=args.split)
     if args.json:
         print(json.dumps(result))
-    else:
-        lo, hi = result["ci95"]
-        llo, lhi = result["lenient_ci95"]
-        print(f"accuracy {result['accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}, {result['n_samples']} samples"
-              f" of {result['n_problems']} problems, reward {args.reward})")
-        print(f"lenient  {result['lenient_accuracy']:.1%}  (95% CI {llo:.1%}-{lhi:.1%}: the last number in the"
+        return
+    lo, hi = result["ci95"]
+    print(f"accuracy {result['accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}, {result['n_samples']} samples"
+          f" of {result['n_problems']} problems, reward {args.reward})")
+    if "lenient_accuracy" in result:
+        lo, hi = result["lenient_ci95"]
+        print(f"lenient  {result['lenient_accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}: the last number in the"
               " completion equals the gold)")
-        if args.out:
-            print(f"per-sample results: {args.out}")
+    if args.out:
+        print(f"per-sample results: {args.out}")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every flag of `tinylora train` (also how `tinylora sweep` checks a spec's options)."""
-    from .train import TrainConfig
-    add_task_args(p, default_n=2000)
+    from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
+    add_config_args(p.add_argument_group("model"), ModelConfig)
+    add_config_args(p.add_argument_group("data"), DataConfig)
     add_adapter_args(p, n_tie="1", seed=False)
-    g = p.add_argument_group("training")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            g.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
-                           help=f"{f.metadata['help']} (default: {f.default!r})")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    g.add_argument("--eval-n", type=int, default=200,
-                   help="held-out problems evaluated before and after, the same set for every --seed (0: skip)")
-    g.add_argument("--eval-batch-size", type=int, default=50, help="sequences generated together in evaluation")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_args(p.add_argument_group("training"), TrainConfig)
+    add_config_args(p.add_argument_group("run"), RunConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .api import DataConfig, ModelConfig
     from .cpu_weights import CHOICES
     parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -172,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("eval", help="accuracy (95% CI) of a model, with or without an adapter")
-    add_task_args(p, default_n=100)
+    p = sub.add_parser("eval", help="accuracy (95%% CI) of a model, with or without an adapter")
+    add_config_args(p.add_argument_group("model"), ModelConfig)
+    add_config_args(p.add_argument_group("data"), DataConfig, skip=("n", "eval_n"))
+    p.add_argument("--n", type=int, default=100, help="problems to evaluate (default: 100)")
     p.add_argument("--adapter", help="adapter .safetensors file (default: the base model)")
     p.add_argument("--split", default="test", help="'train' or 'test' (default: test)")
     mode = p.add_mutually_exclusive_group()
@@ -183,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="completion length limit (default: 32, as in training)")
     p.add_argument("--batch-size", type=int, default=50, help="sequences generated together (default: 50)")
-    p.add_argument("--reward", choices=["strict", "boxed"], default="strict", help="answer rule (default: strict)")
+    p.add_argument("--reward", default="strict", help="answer rule: strict, boxed, lenient, or FILE.py:function / "
+                   "module:function (default: strict); lenient accuracy is reported beside it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--weights", choices=CHOICES, default="auto",
                    help="weights that generate, as --rollout-weights of train (default: auto, exact fp32)")
     p.add_argument("--out", help="write one JSON line per sample here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-strict", action="store_true", help="load the adapter even if the base fingerprint differs")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="load the adapter even if the base fingerprint differs")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
@@ -209,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="base model folder or hub id")
         p.add_argument("--adapter", required=True, help="adapter .safetensors file")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--dtype", choices=V_DTYPES, default="fp32", help="load dtype")
-        p.add_argument("--no-strict", action="store_true", help="load even if the base fingerprint differs")
+        p.add_argument("--dtype", choices=("auto", *V_DTYPES), default="auto",
+                       help="load dtype (default: auto, bf16 on a GPU, fp32 on a CPU)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        p.add_argument("--no-strict", dest="strict", action="store_false",
+                       help="load even if the base fingerprint differs")
         if name == "export":
             p.add_argument("--format", choices=["peft", "merged"], default="peft", help="(default: peft)")
             p.set_defaults(func=cmd_export)

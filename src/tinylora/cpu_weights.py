@@ -4,12 +4,10 @@ At decode batch sizes (M = B·G ≈ 32 rows) PyTorch's default fp32 GEMM re-pack
 every call and runs at a third of this machine's matmul peak. Two copies, taken once, fix that:
 
 - `PackedWeights`: the same fp32 weights, pre-packed once in oneDNN's blocked layout (the op that
-  torch.compile's CPU freezing pass uses). Exact up to summation order (~1e-5 nats per token); on the
-  default model a GRPO rollout runs 1.5–1.7× faster than with plain merged weights (measured). Costs
-  one more fp32 copy of the linear weights.
-- `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: ~1.8×
-  faster than packed (~3× plain fp32), but the policy moves by ~0.09 nats per token and trained
-  accuracy was lower in our runs.
+  torch.compile's CPU freezing pass uses). Exact up to summation order; faster than plain merged
+  weights at rollout batch sizes (BENCHMARKS.md). Costs one more fp32 copy of the linear weights.
+- `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: faster
+  still, but the rollout policy differs measurably from the fp32 one (BENCHMARKS.md).
 
 Either way the adapter keeps running as its fp32 hook on top (y = W̃x + s·UΣRVᵀx), so nothing is
 re-packed or re-quantized when v changes. Only for no-grad forwards: with autograd on, a module falls
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CHOICES = ("auto", "packed", "merged", "int8")
+CHOICES = ("auto", "packed", "merged", "hooks", "int8")
 
 
 def int8_available() -> bool:
@@ -107,7 +105,7 @@ class PackedWeights(LinearCopies):
 
 
 class Int8Weights(LinearCopies):
-    """int8 weights through fbgemm: ¼ of the fp32 memory, ~3× faster than fp32 rollouts on AVX2, approximate."""
+    """int8 weights through fbgemm: ¼ of the fp32 memory, faster than fp32 rollouts on AVX2, approximate."""
 
     label, bytes_per_weight = "int8", 1
 
@@ -168,7 +166,20 @@ def linear_bytes(model: nn.Module, bytes_per_weight: int = 4) -> int:
     return sum(bytes_per_weight * m.weight.numel() for _, m in _cpu_linears(model))
 
 
-def generating(weights: LinearCopies | None, adapter=None, exact: bool = False):
+class AdapterHooks:
+    """No copy: the model's own weights, the adapter added by its hooks, as in training. The exact choice off
+    the CPU and in bf16/fp16, where folding a small ΔW into the weights would round most of it away."""
+
+    label = "hooks"
+
+    def __str__(self) -> str:
+        return "the model's own weights, adapter as hooks (no merge)"
+
+    def active(self):
+        return contextlib.nullcontext(self)
+
+
+def generating(weights: LinearCopies | AdapterHooks | None, adapter=None, exact: bool = False):
     """The context a model generates in: the weight copy (the adapter running as hooks on top) when there
     is one, else the adapter merged into the weights (`exact`: as `Adapter.merged_weights`), else as is."""
     if weights is not None:
@@ -176,11 +187,13 @@ def generating(weights: LinearCopies | None, adapter=None, exact: bool = False):
     return adapter.merged_weights(exact=exact) if adapter is not None else contextlib.nullcontext()
 
 
-def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylora") -> LinearCopies | None:
-    """The weight copy `choice` asks for, or None: generate with the adapter merged into the weights.
+def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylora") \
+        -> LinearCopies | AdapterHooks | None:
+    """The weight copy `choice` asks for, AdapterHooks, or None: generate with the adapter merged in.
 
     'auto' is packed fp32 where it applies (fp32 weights on a CPU with oneDNN) and the copy takes at
-    most half of the memory available now (training still needs room for activations), else merged.
+    most half of the memory available now (training still needs room for activations); elsewhere on a
+    CPU with fp32 weights, merged; on a GPU or with bf16/fp16 weights, hooks (a merge would round ΔW away).
     A copy is taken once, so full fine-tuning (which changes the weights themselves) uses merged.
     """
     if choice not in CHOICES:
@@ -190,9 +203,12 @@ def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylo
         fits = weight.device.type == "cpu" and weight.dtype == torch.float32 and method != "full"
         free = available_memory() if fits else None
         fits = fits and (free is None or linear_bytes(model) <= free / 2)
-        choice = "packed" if fits and packed_available() else "merged"
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        choice = "packed" if fits and packed_available() else "merged" if cpu_fp32 or method == "full" else "hooks"
     if choice == "merged":
         return None
+    if choice == "hooks":
+        return AdapterHooks()
     if method == "full":
         raise ValueError(f"rollout_weights={choice!r} copies the weights once, but full fine-tuning changes them: "
                          "use 'merged'")

@@ -12,13 +12,21 @@ def init() -> tuple[int, int]:
     """(rank, world_size); starts the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; NCCL reduces only GPU tensors, so a CPU tensor makes a round trip."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and x.device.type == "cpu":
+            y = x.cuda()
+            dist.all_reduce(y, op=dist.ReduceOp.SUM)
+            x.copy_(y.cpu())
+        else:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 

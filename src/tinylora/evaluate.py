@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cpu_weights import generating
-from .rewards import REWARDS, extract_last_number, lenient_reward
+from .rewards import REWARDS, extract_last_number, is_builtin, lenient_reward, load_reward, parse_number, score
 from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample
 from .tasks import Problem
 
@@ -23,18 +23,33 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean (for rewards that are not 0/1)."""
+    n = len(values)
+    if n < 2:
+        return (values[0], values[0]) if values else (0.0, 1.0)
+    m = sum(values) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1))
+    return m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n)
+
+
 def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
              max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
              suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
              out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None) -> dict:
-    """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and by the
-    lenient rule beside it (the last number in the completion equals the gold): `accuracy`/`ci95` and
-    `lenient_accuracy`/`lenient_ci95`, and both verdicts on every JSONL row.
+    """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and, where
+    every gold answer is a number, by the lenient rule beside it (the last number in the completion equals
+    the gold): `accuracy`/`ci95` and `lenient_accuracy`/`lenient_ci95`, both verdicts on every JSONL row.
 
+    `reward` is a built-in rule's name or FILE.py:function / module:function (see `rewards`): `accuracy`
+    is then the mean reward over the scored samples (the fraction correct for a 0/1 reward), its interval
+    Wilson's for 0/1 rewards and the normal approximation otherwise.
     The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
     given, else with the adapter merged into its weights.
     """
-    reward_fn, extract = REWARDS[reward]
+    reward_fn = load_reward(reward)
+    extract = REWARDS[reward][1] if is_builtin(reward) else None
+    lenient = all(parse_number(p.answer) is not None for p in problems)
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
@@ -44,20 +59,33 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
             prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)
             ro = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         greedy=greedy, seed=seed + start, with_logprobs=False, repeats=k)
-            for j, completion in enumerate(ro.completions):  # rows come problem by problem, k each
+            scores = score(reward_fn, ro.completions, [pr for pr in prompts for _ in range(k)],
+                           [p.columns for p in chunk for _ in range(k)])
+            for j, (completion, r) in enumerate(zip(ro.completions, scores)):  # problem by problem, k each
                 i, p, prompt = start + j // k, chunk[j // k], prompts[j // k]
-                rows.append({"index": i, "prompt": prompt, "completion": completion,
-                             "extracted": extract(completion), "gold": p.answer,
-                             "correct": bool(reward_fn(completion, p.answer)),
-                             "lenient_extracted": extract_last_number(completion),
-                             "lenient_correct": bool(lenient_reward(completion, p.answer))})
-    n = len(rows)
-    result = {"n_problems": len(problems), "n_samples": n, "samples_per_problem": k, "greedy": greedy,
+                row = {"index": i, "prompt": prompt, "completion": completion, "gold": p.answer, "reward": r,
+                       "correct": r is not None and r >= 1.0}
+                if extract is not None:
+                    row["extracted"] = extract(completion)
+                if lenient:
+                    row["lenient_extracted"] = extract_last_number(completion)
+                    row["lenient_correct"] = bool(lenient_reward(completion, p.answer))
+                rows.append(row)
+    result = {"n_problems": len(problems), "n_samples": len(rows), "samples_per_problem": k, "greedy": greedy,
               "reward": reward}
+    values = [r["reward"] for r in rows if r["reward"] is not None]
+    binary = all(x in (0.0, 1.0) for x in values)
+    result["accuracy"] = sum(values) / max(len(values), 1)
+    result["ci95"] = list(wilson_interval(sum(values), len(values)) if binary else mean_interval(values))
+    if len(values) < len(rows):
+        result["unscored"] = len(rows) - len(values)
     for prefix, key in (("", "correct"), ("lenient_", "lenient_correct")):
-        correct = sum(r[key] for r in rows)
-        result[prefix + "accuracy"] = correct / max(n, 1)
-        result[prefix + "ci95"] = list(wilson_interval(correct, n))
+        if prefix and not lenient:
+            continue
+        if prefix:
+            correct = sum(r[key] for r in rows)
+            result[prefix + "accuracy"] = correct / max(len(rows), 1)
+            result[prefix + "ci95"] = list(wilson_interval(correct, len(rows)))
         if k > 1:
             solved = {r["index"] for r in rows if r[key]}
             result[prefix + "pass_at_k"] = len(solved) / max(len(problems), 1)
@@ -67,4 +95,3 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return result
-

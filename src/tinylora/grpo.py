@@ -13,18 +13,24 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     """A_i = (r_i − mean_group) / (std_group + eps); without std scaling as in Dr. GRPO.
 
     rewards [N] ordered group by group (G consecutive samples share a prompt) → advantages [N].
-    std is the unbiased sample std (torch's default, as TRL uses).
+    std is the unbiased sample std (torch's default, as TRL uses). A NaN reward ("no score") is left
+    out of its group's mean and std and gets advantage 0.
     """
     r = rewards.view(-1, group_size)  # [B, G]
-    a = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    scored = ~torch.isnan(r)  # [B, G]
+    n = scored.sum(dim=1, keepdim=True)  # [B, 1]
+    mean = torch.where(scored, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)  # [B, 1]
+    a = torch.where(scored, r - mean, 0.0)  # [B, G]
     if scale_by_std:
-        a = a / (r.std(dim=1, keepdim=True) + eps)  # [B, G]
+        std = ((a * a).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # [B, 1]
+        a = a / (std + eps)  # [B, G]
     return a.reshape(-1)  # [N]
 
 
 def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of groups whose samples all got the same reward: they carry no learning signal."""
-    return (rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item()
+    """Fraction of groups whose scored samples all got the same reward: they carry no learning signal."""
+    a = group_advantages(rewards, group_size, scale_by_std=False).view(-1, group_size)  # [B, G]
+    return (a == 0).all(dim=1).float().mean().item()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

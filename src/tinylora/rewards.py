@@ -1,5 +1,10 @@
 """Rewards: 1.0 if the completion's final answer equals the gold answer, else 0.0. Never raise.
 
+Or your own: `--reward my_rewards.py:brevity` (or `package.module:function`) with TRL's signature,
+`reward(completions, prompts, **columns) -> list[float | None]`: the completions of a batch, their
+prompts, and every column of the data set as a list per column (`answer`, `question`, your own).
+None means "no score" for that sample: it gets no advantage and is left out of the reward mean.
+
 strict  — the paper's GSM8K rule: the last "#### <number>" must equal the gold number.
 boxed   — the last \\boxed{...}, compared with math-verify (symbolic equality: 1/2 == 0.5).
 lenient — the last number anywhere in the completion equals the gold, whatever the format. Every
@@ -8,8 +13,15 @@ lenient — the last number anywhere in the completion equals the gold, whatever
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import math
+import numbers
 import re
+import sys
+from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +95,68 @@ def lenient_reward(completion: str, gold: str) -> float:
 
 REWARDS = {"strict": (strict_reward, extract_strict), "boxed": (boxed_reward, extract_boxed),
            "lenient": (lenient_reward, extract_last_number)}
+
+
+RewardFn = Callable[..., list]  # (completions, prompts, **columns) -> list[float | None]
+
+
+def pairwise(fn: Callable[[str, str], float]) -> RewardFn:
+    """A (completion, gold answer) -> float rule as a batch reward over the `answer` column."""
+    def reward(completions, answer, **_):
+        return [fn(c, a) for c, a in zip(completions, answer)]
+    reward.__name__ = getattr(fn, "__name__", "reward")
+    return reward
+
+
+def load_reward(spec: str) -> RewardFn:
+    """A built-in rule by name ('strict', 'boxed', 'lenient'), or FILE.py:function / module:function."""
+    if spec in REWARDS:
+        return pairwise(REWARDS[spec][0])
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"reward {spec!r}: expected one of {', '.join(REWARDS)}, FILE.py:function or "
+                         "module:function")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise FileNotFoundError(f"reward file not found: {path}")
+        mod_name = f"tinylora_reward_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module  # so pickling-free helpers like dataclasses inside it work
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ValueError(f"reward file {path} failed to import: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"reward {spec!r}: cannot import module {target!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {target} has no function {name!r}")
+    return fn
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in REWARDS
+
+
+def score(reward_fn: RewardFn, completions: list[str], prompts: list[str], columns: list[dict]) -> list:
+    """Call a batch reward with TRL's keyword arguments and check what it returns: one float (or None)
+    per completion. `columns`: one dict per completion (its problem's columns)."""
+    keys = dict.fromkeys(k for c in columns for k in c if k not in ("completions", "prompts"))
+    kwargs = {k: [c.get(k) for c in columns] for k in keys}
+    name = getattr(reward_fn, "__name__", repr(reward_fn))
+    out = reward_fn(completions=completions, prompts=prompts, **kwargs)
+    try:
+        out = list(out)
+    except TypeError:
+        raise ValueError(f"reward function {name} returned {type(out).__name__}, expected a list of floats") from None
+    if len(out) != len(completions):
+        raise ValueError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
+    for x in out:
+        if x is not None and (not isinstance(x, numbers.Real) or not math.isfinite(x)):
+            raise ValueError(f"reward function {name} returned {x!r}: expected finite floats or None")
+    return [None if x is None else float(x) for x in out]

@@ -39,8 +39,8 @@ from pathlib import Path
 
 RESERVED = ("out", "resume")  # the sweep sets these itself
 # options that change what the base model's evaluation produces: runs that agree on all of them share it
-EVAL_KEYS = ("model", "dtype", "task", "data", "gsm8k_dir", "levels", "eval_n", "eval_batch_size", "max_new_tokens",
-             "suffix", "system", "reward", "algo")
+EVAL_KEYS = ("model", "dtype", "device", "task", "data", "prompt_template", "gsm8k_dir", "levels", "eval_n",
+             "eval_batch_size", "max_new_tokens", "suffix", "system", "reward", "algo")
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
                   "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
@@ -122,6 +122,7 @@ def load_spec(path: str | Path) -> list[Run]:
     # a run's name: its explicit `name`, then the options whose values differ across the sweep
     keys = list(dict.fromkeys(k for _, o in expanded for k in o if k != "name"))
     varying = [k for k in keys if len({json.dumps(o.get(k)) for _, o in expanded}) > 1]
+    from .cli import train_configs
     parser, runs, seen = train_parser(), [], {}
     for gi, options in expanded:
         name = options.get("name")
@@ -132,6 +133,7 @@ def load_spec(path: str | Path) -> list[Run]:
         try:
             argv = to_argv(opts, parser)
             args = parser.parse_args(argv)
+            train_configs(args)  # every value checked now, not an hour into the sweep
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if name in seen:

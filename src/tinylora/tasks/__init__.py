@@ -1,8 +1,8 @@
-"""Tasks: where problems come from. Each yields Problem(question, answer, solution)."""
+"""Tasks: where problems come from. Each yields Problem(question, answer, solution, extra columns)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -10,13 +10,21 @@ class Problem:
     question: str
     answer: str  # the gold final answer, e.g. "42"
     solution: str = ""  # a worked solution ending in "#### <answer>" (used by SFT)
+    extra: dict = field(default_factory=dict, compare=False)  # the data file's other columns (custom rewards)
+
+    @property
+    def columns(self) -> dict:
+        """Every column of this row, as a reward function receives them (TRL's keyword arguments)."""
+        return {**self.extra, "question": self.question, "answer": self.answer, "solution": self.solution}
 
 
 TASKS = ("arithmetic", "gsm8k", "jsonl")
 
 
-def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, **kwargs) -> list[Problem]:
-    """Problems of a task: 'arithmetic' (generated offline), 'gsm8k' (hub or local folder), or a .jsonl path."""
+def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, *,
+              prompt_template: str | None = None, **kwargs) -> list[Problem]:
+    """Problems of a task: 'arithmetic' (generated offline), 'gsm8k' (hub or local folder), or a .jsonl path
+    (`prompt_template`: its question, filled from each row's columns)."""
     if name == "arithmetic":
         from .arithmetic import generate
         return generate(n or 1000, seed=seed + (0 if split == "train" else 10_000), **kwargs)
@@ -25,7 +33,7 @@ def load_task(name: str, split: str = "train", n: int | None = None, seed: int =
         problems = load_gsm8k(split, **kwargs)
     elif name.endswith(".jsonl"):
         from .jsonl import load_jsonl
-        problems = load_jsonl(name)
+        problems = load_jsonl(name, prompt_template)
     else:
         raise ValueError(f"unknown task {name!r}: expected one of 'arithmetic', 'gsm8k', or a path to a .jsonl file")
     return problems[:n] if n else problems

@@ -1,20 +1,36 @@
-"""The user's own data: one JSON object per line with "question" and "answer" ("solution" optional).
+"""The user's own data: one JSON object per line.
 
-"answer" may be a bare final answer ("42") or a GSM8K-style solution ending in "#### 42".
+Without a prompt template each row needs "question" and "answer" ("solution" optional); "answer" may be
+a bare final answer ("42") or a GSM8K-style solution ending in "#### 42". With a template such as
+"Reverse the word {word}." the question is the template filled from the row's columns, and "answer" is
+optional (a custom reward reads whatever columns it needs). Every column reaches a custom reward.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 from . import Problem
 
 
-def load_jsonl(path: str | Path) -> list[Problem]:
+def template_fields(template: str) -> list[str]:
+    """The column names a template uses: "Say {a} then {b}" → ["a", "b"]; a bad template raises."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"prompt template {template!r}: {e}") from None
+    if any(not n.isidentifier() for n in names):
+        raise ValueError(f"prompt template {template!r}: fields must be column names like {{question}}")
+    return names
+
+
+def load_jsonl(path: str | Path, prompt_template: str | None = None) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    needed = template_fields(prompt_template) if prompt_template else ["question", "answer"]
     problems = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -26,15 +42,18 @@ def load_jsonl(path: str | Path) -> list[Problem]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("question", "answer") if k not in row]
+            missing = [k for k in needed if k not in row]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; each line needs "
-                                 "\"question\" and \"answer\"")
-            q, a = row["question"], str(row["answer"])
-            if not isinstance(q, str) or not q.strip() or not a.strip():
+                what = "the prompt template uses" if prompt_template else "each line needs"
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; {what} "
+                                 + ", ".join(f'"{k}"' for k in needed))
+            q = prompt_template.format_map(row) if prompt_template else row["question"]
+            a = str(row.get("answer", ""))
+            if not isinstance(q, str) or not q.strip() or (not prompt_template and not a.strip()):
                 raise ValueError(f"{path}:{lineno}: \"question\" and \"answer\" must be non-empty strings")
-            solution = row.get("solution") or (a if "####" in a else "")
-            problems.append(Problem(q, a.split("####")[-1].strip().replace(",", ""), solution))
+            solution = str(row.get("solution") or (a if "####" in a else ""))
+            extra = {k: v for k, v in row.items() if k not in ("question", "answer", "solution")}
+            problems.append(Problem(q, a.split("####")[-1].strip().replace(",", ""), solution, extra))
     if not problems:
         raise ValueError(f"{path}: no problems found (empty file?)")
     return problems

@@ -1,0 +1,290 @@
+"""The Python API: `train` (evaluate the base, train, evaluate again, save) and `evaluate`, from dataclass configs.
+
+    from tinylora import AdapterConfig
+    from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, train
+
+    summary = train(ModelConfig(), DataConfig(), AdapterConfig(n_tie=16), TrainConfig(steps=20),
+                    RunConfig(out="runs/mine"))
+    result = evaluate(ModelConfig(), DataConfig(), adapter="runs/mine/adapter.safetensors")
+
+`tinylora train` and `tinylora eval` only turn their flags into these configs. Every config checks its
+values when it is made, so a bad value fails at once with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from . import cpu_weights, dist
+from .config import AdapterConfig
+from .embedded import DEFAULT_MODEL
+from .models import DEVICES, DTYPES
+from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
+from .tasks import Problem
+from .train import TrainConfig
+
+__all__ = ["AdapterConfig", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "evaluate", "train"]
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def _bad(name: str, value, expected: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is invalid (--{name.replace('_', '-')}): expected {expected}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": f"model folder or hub id (default: {DEFAULT_MODEL}, embedded, offline)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights dtype: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else MPS, else CPU), cpu, cuda, "
+                                                          "cuda:N or mps"})
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, "auto, " + ", ".join(DTYPES))
+        if self.device.split(":")[0] not in DEVICES:
+            raise _bad("device", self.device, ", ".join(DEVICES) + " or cuda:N")
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="arithmetic", metadata={
+        "help": "'arithmetic' (generated offline), 'gsm8k', or a .jsonl file"})
+    data: str | None = field(default=None, metadata={
+        "help": "your own .jsonl file: {question, answer} rows, or any columns with --prompt-template; its last "
+                "--eval-n rows are held out for evaluation unless --eval-data is given"})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "a separate .jsonl file of held-out rows (with --data): then all of --data trains"})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "the whole user message, filled from each row's columns, e.g. 'Reverse the word {word}.' "
+                "(replaces question + --suffix)"})
+    gsm8k_dir: str | None = field(default=None, metadata={
+        "help": "folder with GSM8K train.jsonl/test.jsonl (else $TINYLORA_GSM8K_DIR, else the hub)"})
+    levels: tuple[int, ...] | str = field(default=(1, 2), metadata={"help": "arithmetic difficulty levels 1-3"})
+    n: int = field(default=2000, metadata={"help": "training problems"})
+    eval_n: int = field(default=200, metadata={
+        "help": "held-out problems evaluated before and after training, the same set for every seed (0: skip)"})
+
+    def __post_init__(self):
+        if isinstance(self.levels, str):
+            try:
+                self.levels = tuple(int(x) for x in self.levels.split(","))
+            except ValueError:
+                raise _bad("levels", self.levels, "comma-separated levels such as 1,2") from None
+        self.levels = tuple(self.levels)
+        if not self.levels or not all(x in (1, 2, 3) for x in self.levels):
+            raise _bad("levels", self.levels, "levels from 1, 2, 3")
+        if not (self.task in ("arithmetic", "gsm8k") or self.task.endswith(".jsonl")):
+            raise _bad("task", self.task, "'arithmetic', 'gsm8k' or a path to a .jsonl file")
+        for name in ("data", "eval_data"):
+            if getattr(self, name) is not None and not getattr(self, name).endswith(".jsonl"):
+                raise _bad(name, getattr(self, name), "a .jsonl file")
+        if self.eval_data and not self.source.endswith(".jsonl"):
+            raise _bad("eval_data", self.eval_data, "to come with --data FILE.jsonl")
+        if self.prompt_template is not None:
+            from .tasks.jsonl import template_fields
+            template_fields(self.prompt_template)
+            if not self.source.endswith(".jsonl"):
+                raise _bad("prompt_template", self.prompt_template, "a .jsonl data file to fill it")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise _bad("n", self.n, "an integer >= 1")
+        if not isinstance(self.eval_n, int) or self.eval_n < 0:
+            raise _bad("eval_n", self.eval_n, "an integer >= 0")
+
+    @property
+    def source(self) -> str:
+        return self.data or self.task
+
+    def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
+        """`n` problems of `split`. A data file has no splits: the held-out rows are --eval-data, or else the
+        last eval_n rows of the file, which training then leaves out (eval_n = 0: the whole file for both)."""
+        from .tasks import load_task
+        if self.source.endswith(".jsonl"):
+            if self.eval_data:
+                rows = load_task(self.eval_data if split == "test" else self.source,
+                                 prompt_template=self.prompt_template)
+            else:
+                rows = load_task(self.source, prompt_template=self.prompt_template)
+                held = self.eval_n  # 0: nothing held out (no evaluation, or `tinylora eval` of the whole file)
+                if held >= len(rows):
+                    raise ValueError(f"{self.source}: {len(rows)} rows leave none to train on after holding out "
+                                     f"--eval-n {self.eval_n}; lower --eval-n or pass --eval-data FILE")
+                if held:
+                    rows = rows[len(rows) - held:] if split == "test" else rows[:len(rows) - held]
+            return rows[:n] if n else rows
+        kwargs = {}
+        if self.source == "arithmetic":
+            kwargs["levels"] = self.levels
+        elif self.source == "gsm8k":
+            kwargs["data_dir"] = self.gsm8k_dir
+        return load_task(self.source, split=split, n=n, seed=seed, **kwargs)
+
+
+@dataclass
+class RunConfig:
+    out: str = field(default="runs/default", metadata={"help": "output folder"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.safetensors"})
+    eval_batch_size: int = field(default=50, metadata={"help": "sequences generated together in evaluation"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log metrics to 'tensorboard' (OUT/tensorboard) or 'wandb' (offline unless WANDB_API_KEY or "
+                "WANDB_MODE is set); metrics.jsonl is always written"})
+
+    def __post_init__(self):
+        if self.report_to not in REPORT_TO:
+            raise _bad("report_to", self.report_to, " or ".join(REPORT_TO))
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise _bad("eval_batch_size", self.eval_batch_size, "an integer >= 1")
+
+
+def train(model: ModelConfig | None = None, data: DataConfig | None = None, adapter: AdapterConfig | None = None,
+          training: TrainConfig | None = None, run: RunConfig | None = None) -> dict:
+    """Evaluate the base model, train, evaluate again; write adapter, summary, metrics and plots to run.out.
+
+    Returns the summary (also in OUT/summary.json). Resumable: run.resume continues from the last step.
+    """
+    from .adapter import attach
+    from .evaluate import evaluate as score_problems
+    from .io import save_adapter
+    from .models import load_model
+    from .plots import plot_run
+    from .tracking import make_tracker
+    from .train import Trainer
+
+    model, data, adapter = model or ModelConfig(), data or DataConfig(), adapter or AdapterConfig()
+    cfg, run = training or TrainConfig(), run or RunConfig()
+    if data.prompt_template and cfg.suffix == DEFAULT_SUFFIX:
+        cfg = replace(cfg, suffix="")  # the template is the whole message: no math instruction appended
+    t_start = time.time()
+    out = Path(run.out)
+    rank, _ = dist.init()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    net, tokenizer = load_model(model.model, model.dtype, model.device)
+    ad = attach(net, adapter, progress=run.progress and rank == 0)
+    train_problems = data.problems("train", data.n, seed=cfg.seed)
+    # the held-out set does not move with the seed: runs with different seeds are scored on the same problems
+    eval_problems = data.problems("test", data.eval_n) if data.eval_n else []
+    say(f"model {model.model} on {next(net.parameters()).device} ({next(net.parameters()).dtype}): "
+        f"{ad.num_trainable():,} trainable parameters ({ad.config.method}, {len(ad.targets)} modules, "
+        f"{len(ad.groups)} groups); {len(train_problems)} training problems")
+    label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
+    trainer = Trainer(net, tokenizer, ad, train_problems, cfg, out, progress=run.progress, label=label)
+    # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts it
+    # evaluates on merged fp32
+    exact_copy = trainer.fast if isinstance(trainer.fast, (cpu_weights.PackedWeights, cpu_weights.AdapterHooks)) \
+        else None
+    if cfg.algo == "grpo":
+        say(f"rollout weights: {trainer.fast or 'the adapter merged into the weights for each rollout'}")
+    ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=cfg.reward,
+              suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0,
+              weights=exact_copy)
+    tracker = make_tracker(run.report_to, out, {"model": asdict(model), "data": asdict(data),
+                                                 "adapter": asdict(adapter), "train": asdict(cfg)}) \
+        if rank == 0 else None
+
+    base_path = out / "eval_base.json"
+    base = None
+    if eval_problems and rank == 0:
+        if run.resume and base_path.is_file():
+            base = json.loads(base_path.read_text())
+        else:
+            with ad.disabled():
+                base = score_problems(net, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl",
+                                      desc=label + "eval base", **ev)
+            base["step"] = 0
+            out.mkdir(parents=True, exist_ok=True)
+            base_path.write_text(json.dumps(base))
+        say(f"base accuracy {_accuracy_line(base, cfg.reward)}")
+        if tracker:
+            tracker.log_eval("base", base)
+
+    t_train = time.time()
+    history = trainer.fit(resume=run.resume, on_step=tracker.log if tracker else None)
+    t_train = time.time() - t_train
+    if rank != 0:
+        dist.shutdown()
+        return {}
+    adapter_path = save_adapter(ad, out / "adapter.safetensors")
+    final = None
+    if eval_problems:
+        final = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / "eval_final.jsonl",
+                               desc=label + "eval final", **ev)
+        final["step"] = len(history)
+        if tracker:
+            tracker.log_eval("final", final)
+    steps_done = [m for m in history if "tokens_per_s" in m]
+    summary = {
+        "model": model.model, "task": data.source, "algo": cfg.algo,
+        "config": json.loads(ad.config.to_json()),
+        "trainable_params": ad.num_trainable(), "adapter_file": str(adapter_path),
+        "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
+        "base_eval": base, "final_eval": final, "train_seconds": round(t_train, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
+        "mean_step_seconds": round(sum(m["step_time"] for m in history) / max(len(history), 1), 2),
+        "rollout_tokens_per_s": round(sum(m["tokens_per_s"] for m in steps_done) / max(len(steps_done), 1), 1),
+        "stopped_early": trainer.stop_requested,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tracker:
+        tracker.close()
+    if history:
+        plot_run(history, [e for e in (base, final) if e], out)
+    say("\n" + "=" * 64)
+    if base and final:
+        say(f"accuracy  {_accuracy_line(base, cfg.reward)}\n      →   {_accuracy_line(final, cfg.reward)}")
+    say(f"trained   {summary['trainable_params']:,} parameters, adapter file {summary['adapter_bytes']} bytes "
+        f"({adapter_path})")
+    say(f"time      {summary['wall_seconds'] / 60:.1f} min total, {summary['steps']} steps of "
+        f"{summary['mean_step_seconds']:.0f} s, rollouts {summary['rollout_tokens_per_s']:.0f} tokens/s")
+    if trainer.stop_requested:
+        say(f"stopped early: continue with the same command plus --resume (out: {out})")
+    say(f"outputs   {out}/ (summary.json, metrics.jsonl, reward.png, eval_*.jsonl)")
+    dist.shutdown()
+    return summary
+
+
+def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *, adapter: str | None = None,
+             split: str = "test", n: int | None = 100, samples: int | None = None, temperature: float = 1.0,
+             max_new_tokens: int = 32, batch_size: int = 50, reward: str = "strict", seed: int = 0,
+             weights: str = "auto", suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM,
+             out: str | None = None, strict: bool = True, progress: bool = True) -> dict:
+    """Accuracy (95% CI) of the base model, or of it with the adapter file `adapter`, on `n` problems of
+    `split`: greedy, or `samples` sampled completions each (pass@k too). Scored by `reward` and leniently.
+    """
+    from .evaluate import evaluate as score_problems
+    from .io import load_adapter
+    from .models import load_model
+    model, data = model or ModelConfig(), data or DataConfig()
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is invalid (--split): expected 'train' or 'test'")
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples={samples!r} is invalid (--samples): expected an integer >= 1")
+    if weights not in cpu_weights.CHOICES:
+        raise ValueError(f"weights={weights!r} is invalid (--weights): expected {', '.join(cpu_weights.CHOICES)}")
+    if data.prompt_template and suffix == DEFAULT_SUFFIX:
+        suffix = ""
+    net, tokenizer = load_model(model.model, model.dtype, model.device)
+    ad = load_adapter(net, adapter, strict=strict) if adapter else None
+    problems = data.problems(split, n)
+    fast = cpu_weights.for_generation(net, weights, ad.config.method if ad is not None else "frozen")
+    result = score_problems(net, tokenizer, problems, adapter=ad, weights=fast, greedy=samples is None,
+                            samples=samples or 1, max_new_tokens=max_new_tokens, temperature=temperature,
+                            batch_size=batch_size, reward=reward, out_jsonl=out, seed=seed, suffix=suffix,
+                            system=system, progress=progress)
+    result.update(model=model.model, adapter=adapter, task=data.source, split=split)
+    return result
+
+
+def _accuracy_line(e: dict, rule: str) -> str:
+    def one(prefix: str) -> str:
+        lo, hi = e[prefix + "ci95"]
+        return f"{e[prefix + 'accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}]"
+    text = f"{one('')} ({rule}, n={e['n_samples']})"
+    if "lenient_accuracy" in e:
+        text += f", {one('lenient_')} (lenient: the last number)"
+    return text

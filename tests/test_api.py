@@ -1,0 +1,170 @@
+"""The typed Python API and the features beyond the demo: your own data and reward, devices, tracking."""
+
+import json
+
+import pytest
+import torch
+
+from tinylora import AdapterConfig
+from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, train
+from tinylora.cli import main
+from tinylora.testing import tiny_model_and_tokenizer
+
+WORDS = [f"t{20 + i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory):
+    """A tiny model with peaked logits (init 0.3, like a trained model) and the 8 first words whose probability
+    rises most when its one shared v is set to 0.5: a reward for starting with one of them can be learned
+    by construction (measured: their share of first words goes from ~0.11 at v = 0 to ~0.30 at v = 0.5)."""
+    path = tmp_path_factory.mktemp("model") / "m"
+    # llama: a saved qwen2 folder makes AutoTokenizer pick Qwen2's tokenizer class over the tiny word-level one
+    model, tok = tiny_model_and_tokenizer("llama", initializer_range=0.3)
+    from tinylora import attach
+    from tinylora.rollout import chat_prompts
+    adapter = attach(model, AdapterConfig(u=1, n_tie="all"))
+    tok.padding_side = "left"
+    prompts = chat_prompts(tok, [f"{w} ?" for w in WORDS], "", None)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = torch.softmax(model(**enc).logits[:, -1], -1).mean(0)  # [V]
+        adapter.v.fill_(0.5)
+        moved = torch.softmax(model(**enc).logits[:, -1], -1).mean(0)  # [V]
+        adapter.v.zero_()
+    rise = moved - base
+    rise[: len(tok.all_special_ids) + 1] = -1.0
+    good = tok.convert_ids_to_tokens(rise.topk(8).indices.tolist())
+    model = adapter.detach()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), good
+
+
+def write_task(tmp_path, good):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"word": w, "lang": "toy"}) + "\n" for w in WORDS))
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(f"GOOD = set({good!r})\n\n"
+                      "def planted(completions, word, lang, **kwargs):\n"
+                      "    assert len(word) == len(completions) and set(lang) == {'toy'}  # the data's columns\n"
+                      "    return [float(bool(c.split()) and c.split()[0] in GOOD) for c in completions]\n")
+    return data, reward
+
+
+def test_python_api_trains_a_non_math_task_with_a_custom_reward_and_the_reward_rises(peaked_model, tmp_path):
+    model_dir, good = peaked_model
+    data_file, reward_file = write_task(tmp_path, good)
+    model = ModelConfig(model=model_dir, device="cpu")
+    data = DataConfig(data=str(data_file), prompt_template="{word} ?", eval_n=0)
+    reward = f"{reward_file}:planted"
+    # the settings of the GRPO test in test_train.py: one number, 192 samples a step
+    cfg = TrainConfig(steps=16, lr=0.1, batch_prompts=12, group_size=16, micro_batch=64, max_new_tokens=8,
+                      temperature=1.0, warmup=0.0, reward=reward, system="")
+    summary = train(model, data, AdapterConfig(u=1, n_tie="all"), cfg, RunConfig(out=str(tmp_path / "run"),
+                                                                                   progress=False))
+    assert summary["trainable_params"] == 1 and summary["steps"] == 16
+    scored = dict(data=data, n=12, samples=32, max_new_tokens=8, reward=reward, suffix="", system=None,
+                  progress=False, seed=7)
+    before = evaluate(model, **scored)
+    after = evaluate(model, adapter=str(tmp_path / "run" / "adapter.safetensors"), **scored)
+    assert "lenient_accuracy" not in before  # no numeric answers: no lenient score
+    assert after["accuracy"] > before["accuracy"] + 0.05, (before["accuracy"], after["accuracy"])
+
+
+def test_the_same_run_from_the_command_line(peaked_model, tmp_path, capsys):
+    model_dir, good = peaked_model
+    data_file, reward_file = write_task(tmp_path, good)
+    out = tmp_path / "cli"
+    assert main(["train", "--model", model_dir, "--device", "cpu", "--data", str(data_file), "--prompt-template",
+                 "{word} ?", "--reward", f"{reward_file}:planted", "--eval-n", "4", "--steps", "2",
+                 "--batch-prompts", "2", "--group-size", "4", "--max-new-tokens", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_eval"]["n_problems"] == 4  # the last 4 rows, held out
+    rows = [json.loads(line) for line in (out / "eval_final.jsonl").read_text().splitlines()]
+    assert [r["prompt"].split()[1] for r in rows] == WORDS[-4:]  # "Question: t28 ?"
+    assert all(0 <= r["reward"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr"),
+    (["--device", "tpu"], "--device"),
+    (["--reward", "nope"], "--reward"),
+    (["--reward", "missing.py:fn"], "reward file not found"),
+    (["--levels", "1,9"], "--levels"),
+    (["--report-to", "mlflow"], "--report-to"),
+    (["--mini-batches", "0"], "--mini-batches"),
+    (["--prompt-template", "{word"], "prompt template"),
+])
+def test_invalid_options_fail_in_one_line_naming_the_option(flags, message, capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_reward_that_returns_garbage_is_reported(tmp_path):
+    from tinylora.rewards import load_reward, score
+    bad = tmp_path / "bad.py"
+    bad.write_text("def short(completions, **kw):\n    return [1.0]\n\ndef nan(completions, **kw):\n"
+                   "    return [float('nan')] * len(completions)\n")
+    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
+        score(load_reward(f"{bad}:short"), ["a", "b"], ["p", "p"], [{}, {}])
+    with pytest.raises(ValueError, match="finite floats or None"):
+        score(load_reward(f"{bad}:nan"), ["a"], ["p"], [{}])
+    with pytest.raises(ValueError, match="has no function 'other'"):
+        load_reward(f"{bad}:other")
+    assert load_reward("tinylora.rewards:lenient_reward").__name__ == "lenient_reward"  # module:function works
+
+
+def test_devices_and_dtypes_resolve_to_what_this_machine_has():
+    from tinylora.models import resolve_device, resolve_dtype
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else resolve_device("auto"))
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_generation_paths_off_the_cpu_keep_the_adapter_as_hooks():
+    from tinylora import attach, cpu_weights
+    model, _ = tiny_model_and_tokenizer("llama")
+    attach(model, AdapterConfig())
+    assert cpu_weights.for_generation(model.to(torch.bfloat16), "auto") .__class__ is cpu_weights.AdapterHooks
+    with pytest.raises(ValueError, match="CPU models|fp32"):
+        cpu_weights.for_generation(model, "packed")
+
+
+def test_tensorboard_gets_the_metrics(peaked_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    model_dir, _ = peaked_model
+    out = tmp_path / "tb"
+    assert main(["train", "--model", model_dir, "--steps", "2", "--batch-prompts", "2", "--max-new-tokens", "4",
+                 "--eval-n", "2", "--n", "8", "--out", str(out), "--no-progress", "--report-to", "tensorboard"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/reward_mean", "train/loss", "eval_base/accuracy", "eval_final/lenient_accuracy"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path):
+    from tinylora import attach
+    from tinylora.rewards import pairwise
+    from tinylora.tasks import Problem
+    from tinylora.train import Trainer
+    model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
+    model = model.to("cuda", torch.bfloat16)
+    adapter = attach(model, AdapterConfig(u=2, n_tie="all"))
+    problems = [Problem(f"{w} ?", "0") for w in WORDS]
+    cfg = TrainConfig(steps=3, batch_prompts=4, group_size=4, max_new_tokens=8, lr=0.05, warmup=0.0, suffix="",
+                      system="")
+    trainer = Trainer(model, tok, adapter, problems, cfg, tmp_path, progress=False)
+    assert str(trainer.fast).startswith("the model's own weights")
+    trainer.reward = pairwise(lambda c, g: float(len(c.split()) % 2))
+    history = trainer.fit()
+    assert adapter.v.device.type == "cuda" and torch.isfinite(adapter.v).all()
+    assert any(m["grad_norm"] > 0 for m in history)
+    assert all(m["logp_gap"] < 0.05 for m in history), [m["logp_gap"] for m in history]  # same weights, same math
