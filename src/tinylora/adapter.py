@@ -144,8 +144,8 @@ class Adapter(nn.Module):
     def _fused_in(self, i: int) -> torch.Tensor:
         """(V (sR)ᵀ Σ)ᵀ of module i [r, in], cached while v keeps the values it was built from.
 
-        Stored as r contiguous rows: x·Wᵀ with W [r, in] (F.linear) ran 2–3× faster than x·M with
-        M [in, r] at the decode shape [32, 896–4864]."""
+        Stored as r contiguous rows: x·Wᵀ with W [r, in] (F.linear) is faster than x·M with M [in, r]
+        at decode shapes."""
         if self._fused_v is None or not torch.equal(self._fused_v, self.v):  # v is tiny: comparing is cheap
             self._fused, self._fused_v = {}, self.v.detach().clone()
         if i not in self._fused:
@@ -157,7 +157,7 @@ class Adapter(nn.Module):
         """output + ΔW x, written into the module's fresh output.
 
         `output + U·h` allocates two new [..., out] tensors per module; at training shapes (10 MB each)
-        glibc hands those out as fresh pages, and the page faults made training 1.2× slower than the
+        glibc hands those out as fresh pages, and the page faults made training measurably slower than the
         frozen model. One in-place (b)addmm allocates nothing; autograd still checks it is safe."""
         h = self._down(i, x).to(output.dtype)  # [..., r]
         Ut = self.factors[i].U.to(output.dtype).T  # [r, out]

