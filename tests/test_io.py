@@ -66,12 +66,46 @@ def test_wrong_base_is_a_clear_error(tmp_path):
         load_adapter(tiny_model("qwen2", seed=123), path, strict=False)
 
 
-def test_same_base_in_another_dtype_loads_with_a_warning(tmp_path):
+def test_same_base_in_another_dtype_loads(tmp_path):
+    import warnings
     _, adapter = trained("llama")
     path = save_adapter(adapter, tmp_path / "a.safetensors")
     model = tiny_model("llama").to(torch.bfloat16)
-    with pytest.warns(UserWarning, match="byte for byte"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either: the values are the same model's
         load_adapter(model, path)
+
+
+def test_a_base_that_differs_in_one_module_is_another_model(tmp_path):
+    _, adapter = trained("llama")
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        w = model.model.layers[1].mlp.down_proj.weight
+        w[0, 0] += 0.05 * w.abs().max()  # one entry of one targeted module
+    with pytest.raises(ValueError, match="targeted weights differ"):
+        load_adapter(model, path)
+
+
+def test_flipped_bytes_of_v_fail_the_checksum(tmp_path):
+    _, adapter = trained("llama")
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # the last bytes of the file are v's
+    damaged = tmp_path / "d.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_adapter_file(damaged)
+
+
+def test_a_second_adapter_on_the_same_model_is_refused(tmp_path):
+    model = tiny_model("llama")
+    first = attach(model, AdapterConfig())
+    with pytest.raises(ValueError, match="already has a tinylora adapter"):
+        attach(model, AdapterConfig(n_tie="all"))
+    first.detach()
+    attach(model, AdapterConfig(n_tie="all"))  # after detach() it is the plain model again
+    assert not any("_tinylora_adapter" in n for n, _ in model.named_modules())
 
 
 def test_truncated_and_corrupted_files(tmp_path):

@@ -55,6 +55,10 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig, *, progress: bool | None = None,
                  use_cache: bool = True):
         super().__init__()
+        other = getattr(model, "_tinylora_adapter", None)
+        if other is not None and other._hooks:
+            raise ValueError("this model already has a tinylora adapter attached (two would add up silently): "
+                             "call adapter.detach() first, or serve several adapters with AdapterBank")
         self.config = config
         self.model = [model]  # a list, so the base model is not registered as our submodule
         self.targets: list[Target] = [] if config.method in ("full", "frozen") else find_targets(model, config.targets)
@@ -76,7 +80,8 @@ class Adapter(nn.Module):
         for p in model.parameters():
             p.requires_grad_(config.method == "full")
 
-        self.digests = []
+        self.digests = []  # of each target's exact bytes: the SVD cache key
+        self.value_digests = []  # of each target rounded to bf16: the same in fp32 and bf16, not after any change
         norm_sq = 0.0  # of the untouched base weights, for the file's fingerprint
         self.factors = nn.ModuleList()
         show = sys.stderr.isatty() if progress is None else progress
@@ -85,6 +90,7 @@ class Adapter(nn.Module):
                                "weights", disable=not show, unit="mat"), self.modules_by_index):
             digest = weight_digest(mod.weight)
             self.digests.append(digest)
+            self.value_digests.append(weight_digest(mod.weight.detach().to(torch.bfloat16)))
             norm_sq += float(mod.weight.detach().double().pow(2).sum())
             if svd_methods:
                 U, S, V = cached_svd(mod.weight, config.r, config.svd, digest, use_cache)
@@ -110,6 +116,8 @@ class Adapter(nn.Module):
                 self.lora_B.append(nn.Parameter(torch.zeros(out_f, config.r, device=device)))
         for i, mod in enumerate(self.modules_by_index):
             self._hooks.append(mod.register_forward_hook(self._make_hook(i)))
+        if self.targets:  # object.__setattr__: not registered as a submodule (no v in model.parameters())
+            object.__setattr__(model, "_tinylora_adapter", self)
 
     # ---- the math ---------------------------------------------------------------------------
     def R(self, i: int) -> torch.Tensor:
@@ -285,6 +293,8 @@ class Adapter(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if getattr(self.base_model, "_tinylora_adapter", None) is self:
+            del self.base_model._tinylora_adapter
         return self.base_model
 
 

@@ -2,8 +2,10 @@
 
 13 fp32 parameters make a file of well under 1 KB: P is regenerated from the seed and U, Σ, V from
 the base weights, so neither is stored. A compact fingerprint of the base (target count, shapes per
-module type, a hash of names and shapes, the weights' Frobenius norm and byte hash) turns loading
-onto the wrong model into a clear error instead of silent garbage.
+module type, a hash of names and shapes, the weights' Frobenius norm, a hash of their bytes and one of
+their values rounded to bf16) turns loading onto the wrong model, or onto one whose targeted weights
+differ in any module, into a clear error instead of silent garbage, while the same model in fp32 or bf16
+loads. A checksum of the stored tensors catches a file whose numbers were changed or damaged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .adapter import Adapter, attach
 from .config import AdapterConfig
 
 FORMAT = "tinylora-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: a checksum of the stored tensors and a dtype-independent digest of the base
+READABLE_VERSIONS = ("1", "2")
 NORM_RTOL = 1e-4  # bf16 vs fp32 copies of one model agree to ~1e-6; different fine-tunes do not
 
 
@@ -41,7 +44,20 @@ def fingerprint(adapter: Adapter) -> dict:
         "names": hashlib.sha256(names.encode()).hexdigest()[:12],
         "norm": float(f"{norm:.8g}"),
         "bytes": hashlib.sha256("".join(adapter.digests).encode()).hexdigest()[:12],
+        # every targeted weight rounded to bf16: equal for the same model in fp32 or bf16, different as soon as
+        # any targeted module changes
+        "values": hashlib.sha256("".join(adapter.value_digests).encode()).hexdigest()[:12],
     }
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the stored tensors' names, dtypes, shapes and bytes: a flipped bit of v is caught."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
@@ -52,7 +68,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.trainable_state().items()}
     base = getattr(getattr(adapter.base_model, "config", None), "_name_or_path", "") or ""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tinylora": __version__,
-            "config": adapter.config.to_json(), "base": base,
+            "config": adapter.config.to_json(), "base": base, "checksum": checksum(tensors),
             "fingerprint": json.dumps(fingerprint(adapter), separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -74,9 +90,11 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dic
         raise ValueError(f"{path}: not a readable safetensors adapter (truncated or corrupted?): {e}") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a tinylora adapter (metadata 'format' is {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: adapter format version {meta.get('format_version')!r} is not supported "
-                         f"(this tinylora reads version {FORMAT_VERSION})")
+                         f"(this tinylora reads versions {', '.join(READABLE_VERSIONS)})")
+    if meta["format_version"] != "1" and meta.get("checksum") != checksum(tensors):
+        raise ValueError(f"{path}: checksum mismatch: the stored numbers were changed or damaged after saving")
     try:
         config = AdapterConfig.from_json(meta["config"])
         meta["fingerprint"] = json.loads(meta["fingerprint"])
@@ -98,7 +116,12 @@ def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = 
             problems.append(f"{kind}: file expects shape {e}, model has {a}")
     if not problems and expected["names"] != actual["names"]:
         problems.append("target module names differ (same shapes, different model layout)")
-    if not problems and abs(expected["norm"] - actual["norm"]) > NORM_RTOL * max(abs(expected["norm"]), 1e-12):
+    if not problems and "values" in expected and expected["values"] != actual["values"] \
+            and expected["bytes"] != actual["bytes"]:
+        problems.append("the targeted weights differ (their values rounded to bf16 do not match): a different "
+                        "checkpoint of this architecture, or a fine-tuned copy? (an fp16 copy of the same model "
+                        "can differ in rounding too: then pass strict=False)")
+    elif not problems and abs(expected["norm"] - actual["norm"]) > NORM_RTOL * max(abs(expected["norm"]), 1e-12):
         problems.append(f"the targeted weights differ (Frobenius norm {expected['norm']:.6g} in the file, "
                         f"{actual['norm']:.6g} in this model): a different checkpoint of this architecture?")
     if problems:
@@ -106,7 +129,7 @@ def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = 
         if strict:
             raise ValueError(msg + ". Pass strict=False (--no-strict) to load anyway.")
         warnings.warn(msg, stacklevel=3)
-    elif expected["bytes"] != actual["bytes"]:
+    elif expected["bytes"] != actual["bytes"] and "values" not in expected:  # a version-1 file
         warnings.warn(f"{source}: base weights match in value but not byte for byte (another dtype?)", stacklevel=3)
 
 

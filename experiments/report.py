@@ -1,0 +1,99 @@
+"""Markdown tables for docs/reproduction.md from a sweep's results.csv, and a copy of the CSV and plot there.
+
+    python experiments/report.py runs/param_curve --kind curve     # best learning rate per size and algorithm
+    python experiments/report.py runs/ablations --kind seeds       # each setting over its seeds
+
+Every number printed is a cell of results.csv (fractions shown as percentages); run names trace them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import statistics
+from pathlib import Path
+
+SETTING_KEYS = ("method", "n-tie", "u", "r", "tie", "v-dtype")
+
+
+def pct(row: dict, key: str, ci: bool = True) -> str:
+    if row.get(key) in (None, ""):
+        return "–"
+    text = f"{100 * float(row[key]):.1f}"
+    if ci and row.get(key + "_lo") not in (None, ""):
+        text += f" [{100 * float(row[key + '_lo']):.1f}–{100 * float(row[key + '_hi']):.1f}]"
+    return text
+
+
+def setting(row: dict) -> str:
+    parts = [f"{k}={row[k]}" for k in SETTING_KEYS if row.get(k) not in (None, "") and k != "method"]
+    return " ".join([row.get("method", "")] + parts)
+
+
+def lr(row: dict) -> str:
+    return f"{float(row['lr']):g}" if row.get("lr") not in (None, "") else "default"
+
+
+def curve(rows: list[dict]) -> None:
+    """One line per (algorithm, size): the run with the best final strict accuracy over its learning rates."""
+    done = [r for r in rows if r["status"] == "done"]
+    best: dict[tuple, dict] = {}
+    tried: dict[tuple, list[str]] = {}
+    for r in done:
+        key = (r["algo"], int(r["trainable_params"]), setting(r))
+        tried.setdefault(key, []).append(f"{lr(r)}: {pct(r, 'final_acc', ci=False)}")
+        if key not in best or float(r["final_acc"]) > float(best[key]["final_acc"]):
+            best[key] = r
+    print("| algo | trained numbers | setting | best lr | final strict [95% CI] | final lenient [95% CI] "
+          "| strict by lr | run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in sorted(best, key=lambda k: (k[0], k[1])):
+        r = best[key]
+        print(f"| {r['algo'].upper()} | {int(r['trainable_params']):,} | {key[2]} | {lr(r)} | "
+              f"{pct(r, 'final_acc')} | {pct(r, 'final_lenient')} | {'; '.join(tried[key])} | `{r['name']}` |")
+    bases = {(r["base_acc"], r["base_lenient"]) for r in done}
+    for acc, len_ in sorted(bases):
+        print(f"\nBase model: strict {100 * float(acc):.1f}%, lenient {100 * float(len_):.1f}% (n = "
+              f"{done[0]['n_eval']}).")
+    pending = [r["name"] for r in rows if r["status"] != "done"]
+    if pending:
+        print(f"\nNot yet run or failed ({len(pending)}): " + ", ".join(f"`{n}`" for n in pending))
+
+
+def seeds(rows: list[dict]) -> None:
+    """One line per setting: each seed's final strict/lenient accuracy and their mean."""
+    done = [r for r in rows if r["status"] == "done"]
+    groups: dict[str, list[dict]] = {}
+    for r in done:
+        groups.setdefault(setting(r), []).append(r)
+    print("| setting | trained numbers | final strict by seed | mean strict | final lenient by seed | mean lenient |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in groups.items():
+        rs.sort(key=lambda r: int(r.get("seed") or 0))
+        strict = [100 * float(r["final_acc"]) for r in rs]
+        lenient = [100 * float(r["final_lenient"]) for r in rs]
+        print(f"| {name} | {rs[0]['trainable_params']} | {', '.join(f'{x:.1f}' for x in strict)} | "
+              f"{statistics.mean(strict):.1f} | {', '.join(f'{x:.1f}' for x in lenient)} | "
+              f"{statistics.mean(lenient):.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="a `tinylora sweep` folder (holds results.csv)")
+    p.add_argument("--kind", choices=("curve", "seeds"), default="curve")
+    p.add_argument("--docs", type=Path, default=Path("docs/reproduction"),
+                   help="where results.csv and the plot are copied, as NAME.csv / NAME.png")
+    args = p.parse_args()
+    with open(args.sweep / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    args.docs.mkdir(parents=True, exist_ok=True)
+    name = args.sweep.name
+    shutil.copyfile(args.sweep / "results.csv", args.docs / f"{name}.csv")
+    if (args.sweep / "accuracy_vs_params.png").is_file():
+        shutil.copyfile(args.sweep / "accuracy_vs_params.png", args.docs / f"{name}.png")
+    (curve if args.kind == "curve" else seeds)(rows)
+
+
+if __name__ == "__main__":
+    main()
