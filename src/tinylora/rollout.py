@@ -99,7 +99,8 @@ def sample_categorical(probs: torch.Tensor, gen: torch.Generator, block: int = 1
     `block` entries, then an entry inside it. Same law as torch.multinomial, far faster at a large vocab.
 
     torch.multinomial draws an exponential variate for every entry (32 × 152k per decode step, on one
-    thread); this draws one uniform per row, and two short cumsums stand in for one 152k-long serial one. Zero-probability entries (and the padding) are never drawn.
+    thread); this draws one uniform per row, and two short cumsums stand in for one 152k-long serial one.
+    Zero-probability entries (and the padding) are never drawn.
     """
     n, V = probs.shape
     blocks = torch.nn.functional.pad(probs.float(), (0, -V % block)).view(n, -1, block)  # [n, nb, block]
