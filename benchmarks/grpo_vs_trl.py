@@ -28,7 +28,7 @@ def ours(model, tok, problems, args) -> tuple[list[float], list[float], int]:
     adapter = attach(model, AdapterConfig(u=1, n_tie=1, r=2))
     cfg = TrainConfig(steps=args.steps, batch_prompts=args.batch, group_size=args.group, max_new_tokens=args.new_tokens,
                       temperature=args.temperature, beta=0.0, eps_low=0.2, eps_high=0.4, lr=1e-2, micro_batch=8,
-                      rollout_weights="auto")  # int8 rollouts where fbgemm exists: the fast path is what we compare
+                      rollout_weights="auto")  # the default path (packed fp32 on a CPU)
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(model, tok, adapter, problems, cfg, d, progress=False)
         metrics = [trainer.train_step(s) for s in range(args.steps)]

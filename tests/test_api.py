@@ -120,14 +120,15 @@ def test_a_reward_that_returns_garbage_is_reported(tmp_path):
 def test_devices_and_dtypes_resolve_to_what_this_machine_has():
     from tinylora.models import resolve_device, resolve_dtype
     assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else resolve_device("auto"))
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     assert resolve_dtype("auto", "cpu") == "fp32"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
 
 
-def test_generation_paths_off_the_cpu_keep_the_adapter_as_hooks():
+def test_generation_in_bf16_keeps_the_adapter_as_hooks():
     from tinylora import attach, cpu_weights
     model, _ = tiny_model_and_tokenizer("llama")
     attach(model, AdapterConfig())

@@ -30,10 +30,11 @@ def test_clipped_loss_by_hand():
     # A = +1: per token max(-r, -clip(r)) = [-0.5, -1, -1.4] (0.5 is below 1-0.2 but the min keeps -0.5)
     loss, _, stats = _loss([0.5, 1.0, 1.5], 1.0)
     assert loss.item() == pytest.approx((-0.5 - 1.0 - 1.4) / 3)
-    assert stats["clip_frac"] == pytest.approx(2 / 3)
+    assert stats["clip_frac"] == pytest.approx(1 / 3)  # the clip binds at 1.5 only (0.5 keeps its gradient)
     # A = -1: per token max(r, clip(r)) = [0.8, 1, 1.5]
-    loss, _, _ = _loss([0.5, 1.0, 1.5], -1.0)
+    loss, _, stats = _loss([0.5, 1.0, 1.5], -1.0)
     assert loss.item() == pytest.approx((0.8 + 1.0 + 1.5) / 3)
+    assert stats["clip_frac"] == pytest.approx(1 / 3)  # here it binds at 0.5
 
 
 def test_clipped_tokens_get_no_gradient():

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -95,9 +96,10 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, ca
     for k in ("base_acc", "base_lenient", "final_acc_lo", "final_lenient_hi", "adapter_bytes", "wall_seconds"):
         assert done[k] != "", k
     assert (out / "accuracy_vs_params.png").is_file()
-    # the second run's base evaluation was shared, not recomputed: the same rows byte for byte
-    a, b = (out / "runs" / n / "eval_base.jsonl" for n in ("n-tie=all", "n-tie=1"))
-    assert a.read_bytes() == b.read_bytes()
+    # the second run's base evaluation was shared, not recomputed
+    summaries = [json.loads((out / "runs" / n / "summary.json").read_text()) for n in ("n-tie=all", "n-tie=1")]
+    assert [s["base_eval_reused"] for s in summaries] == [False, True]
+    assert summaries[0]["base_eval"] == summaries[1]["base_eval"]
     # a finished sweep reruns nothing but the failure
     assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 1
     assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
@@ -147,3 +149,14 @@ def test_results_csv_alone_marks_runs_finished(model_dir, tmp_path, capsys):
     assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
     assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
+
+
+def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, model_dir, steps=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    # a new entry with another u makes u vary, which renames every run ("n-tie=all" -> "u=2,n-tie=all")
+    spec.write_text(spec.read_text() + "\n[[run]]\nn-tie = 1\nu = 3\n")
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["u=2,n-tie=1", "u=2,n-tie=all", "u=3,n-tie=1"]

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from . import cpu_weights, dist
 from .config import AdapterConfig
 from .embedded import DEFAULT_MODEL
@@ -38,7 +40,7 @@ def _bad(name: str, value, expected: str) -> ValueError:
 @dataclass
 class ModelConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": f"model folder or hub id (default: {DEFAULT_MODEL}, embedded, offline)"})
+        "help": "model folder or hub id; the default is embedded (Qwen2.5-Coder-0.5B-Instruct, offline)"})
     dtype: str = field(default="auto", metadata={
         "help": "weights dtype: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else MPS, else CPU), cpu, cuda, "
@@ -174,10 +176,11 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         f"{len(ad.groups)} groups); {len(train_problems)} training problems")
     label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
     trainer = Trainer(net, tokenizer, ad, train_problems, cfg, out, progress=run.progress, label=label)
-    # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts it
-    # evaluates on merged fp32
+    # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts or
+    # without rollouts (SFT) it merges on a CPU in fp32, and keeps the adapter as hooks elsewhere
+    weight = next(net.parameters())
     exact_copy = trainer.fast if isinstance(trainer.fast, (cpu_weights.PackedWeights, cpu_weights.AdapterHooks)) \
-        else None
+        else None if weight.device.type == "cpu" and weight.dtype == torch.float32 else cpu_weights.AdapterHooks()
     if cfg.algo == "grpo":
         say(f"rollout weights: {trainer.fast or 'the adapter merged into the weights for each rollout'}")
     ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=cfg.reward,
@@ -188,10 +191,10 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         if rank == 0 else None
 
     base_path = out / "eval_base.json"
-    base = None
+    base, base_reused = None, False
     if eval_problems and rank == 0:
-        if run.resume and base_path.is_file():
-            base = json.loads(base_path.read_text())
+        if run.resume and base_path.is_file():  # a resumed run, or a sweep's copy from an identical run
+            base, base_reused = json.loads(base_path.read_text()), True
         else:
             with ad.disabled():
                 base = score_problems(net, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl",
@@ -211,7 +214,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         return {}
     adapter_path = save_adapter(ad, out / "adapter.safetensors")
     final = None
-    if eval_problems:
+    if eval_problems and not trainer.stop_requested:  # stopped early: the resumed run evaluates at its end
         final = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / "eval_final.jsonl",
                                desc=label + "eval final", **ev)
         final["step"] = len(history)
@@ -223,7 +226,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         "config": json.loads(ad.config.to_json()),
         "trainable_params": ad.num_trainable(), "adapter_file": str(adapter_path),
         "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
-        "base_eval": base, "final_eval": final, "train_seconds": round(t_train, 1),
+        "base_eval": base, "base_eval_reused": base_reused, "final_eval": final, "train_seconds": round(t_train, 1),
         "wall_seconds": round(time.time() - t_start, 1),
         "mean_step_seconds": round(sum(m["step_time"] for m in history) / max(len(history), 1), 2),
         "rollout_tokens_per_s": round(sum(m["tokens_per_s"] for m in steps_done) / max(len(steps_done), 1), 1),
@@ -260,10 +263,15 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
     from .io import load_adapter
     from .models import load_model
     model, data = model or ModelConfig(), data or DataConfig()
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r} is invalid (--split): expected 'train' or 'test'")
-    if samples is not None and samples < 1:
-        raise ValueError(f"samples={samples!r} is invalid (--samples): expected an integer >= 1")
+    checks = [("split", split in ("train", "test"), "'train' or 'test'"),
+              ("samples", samples is None or samples >= 1, "an integer >= 1"),
+              ("temperature", samples is None or temperature > 0, "> 0 when sampling"),
+              ("n", n is None or n >= 1, "an integer >= 1"),
+              ("max_new_tokens", max_new_tokens >= 1, "an integer >= 1"),
+              ("batch_size", batch_size >= 1, "an integer >= 1")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise _bad(name, locals()[name], expected)
     if weights not in cpu_weights.CHOICES:
         raise ValueError(f"weights={weights!r} is invalid (--weights): expected {', '.join(cpu_weights.CHOICES)}")
     if data.prompt_template and suffix == DEFAULT_SUFFIX:

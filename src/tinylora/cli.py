@@ -99,8 +99,7 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     from .api import DataConfig, ModelConfig, evaluate
-    data = config_from(DataConfig, args, eval_n=0)  # a data file is evaluated whole (or its --eval-data)
-    result = evaluate(config_from(ModelConfig, args), data, adapter=args.adapter,
+    result = evaluate(config_from(ModelConfig, args), config_from(DataConfig, args), adapter=args.adapter,
                       split=args.split, n=args.n, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reward=args.reward,
                       seed=args.seed, weights=args.weights, out=args.out, strict=args.strict,
@@ -155,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy (95%% CI) of a model, with or without an adapter")
     add_config_args(p.add_argument_group("model"), ModelConfig)
-    add_config_args(p.add_argument_group("data"), DataConfig, skip=("n", "eval_n"))
+    add_config_args(p.add_argument_group("data"), DataConfig, skip=("n",))
     p.add_argument("--n", type=int, default=100, help="problems to evaluate (default: 100)")
     p.add_argument("--adapter", help="adapter .safetensors file (default: the base model)")
     p.add_argument("--split", default="test", help="'train' or 'test' (default: test)")

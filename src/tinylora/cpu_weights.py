@@ -97,7 +97,7 @@ class PackedWeights(LinearCopies):
 
     def convert(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.dtype != torch.float32:
-            raise ValueError(f"packed rollout weights are fp32; the model is {weight.dtype} (use 'merged')")
+            raise ValueError(f"packed rollout weights are fp32; the model is {weight.dtype} (use 'hooks')")
         return torch.ops.mkldnn._reorder_linear_weight(weight, self.rows_hint)
 
     def linear(self, x, copy, bias):
@@ -213,5 +213,5 @@ def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylo
         raise ValueError(f"rollout_weights={choice!r} copies the weights once, but full fine-tuning changes them: "
                          "use 'merged'")
     if weight.device.type != "cpu":
-        raise ValueError(f"rollout_weights={choice!r} is for CPU models; this one is on {weight.device}: use 'merged'")
+        raise ValueError(f"rollout_weights={choice!r} is for CPU models; this one is on {weight.device}: use 'hooks'")
     return PackedWeights(model) if choice == "packed" else Int8Weights(model)

@@ -74,7 +74,9 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
     loss = (per_token * mask).sum() / denom  # []
     with torch.no_grad():
         m = mask.sum().clamp(min=1)
-        stats = {"clip_frac": (((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float() * mask).sum().item() / m.item(),
+        # tokens where the clip binds: it only acts against the advantage's direction
+        clipped_mask = ((A > 0) & (ratio > 1 + eps_high)) | ((A < 0) & (ratio < 1 - eps_low))  # [N, C]
+        stats = {"clip_frac": (clipped_mask.float() * mask).sum().item() / m.item(),
                  "kl": (kl * mask).sum().item() / m.item()}
     return loss, stats
 

@@ -2,7 +2,8 @@
 
 Or your own: `--reward my_rewards.py:brevity` (or `package.module:function`) with TRL's signature,
 `reward(completions, prompts, **columns) -> list[float | None]`: the completions of a batch, their
-prompts, and every column of the data set as a list per column (`answer`, `question`, your own).
+prompts, and every column of the data set as a list per column, as written in the file (`answer`,
+`question`, your own), plus `gold`: the final answer as the built-in rules compare it.
 None means "no score" for that sample: it gets no advantage and is left out of the reward mean.
 
 strict  — the paper's GSM8K rule: the last "#### <number>" must equal the gold number.
@@ -13,6 +14,7 @@ lenient — the last number anywhere in the completion equals the gold, whatever
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -101,13 +103,14 @@ RewardFn = Callable[..., list]  # (completions, prompts, **columns) -> list[floa
 
 
 def pairwise(fn: Callable[[str, str], float]) -> RewardFn:
-    """A (completion, gold answer) -> float rule as a batch reward over the `answer` column."""
-    def reward(completions, answer, **_):
-        return [fn(c, a) for c, a in zip(completions, answer)]
+    """A (completion, gold answer) -> float rule as a batch reward over the `gold` column."""
+    def reward(completions, gold, **_):
+        return [fn(c, a) for c, a in zip(completions, gold)]
     reward.__name__ = getattr(fn, "__name__", "reward")
     return reward
 
 
+@functools.lru_cache(maxsize=None)
 def load_reward(spec: str) -> RewardFn:
     """A built-in rule by name ('strict', 'boxed', 'lenient'), or FILE.py:function / module:function."""
     if spec in REWARDS:

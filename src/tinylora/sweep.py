@@ -39,8 +39,8 @@ from pathlib import Path
 
 RESERVED = ("out", "resume")  # the sweep sets these itself
 # options that change what the base model's evaluation produces: runs that agree on all of them share it
-EVAL_KEYS = ("model", "dtype", "device", "task", "data", "prompt_template", "gsm8k_dir", "levels", "eval_n",
-             "eval_batch_size", "max_new_tokens", "suffix", "system", "reward", "algo")
+EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_template", "gsm8k_dir", "levels",
+             "eval_n", "eval_batch_size", "max_new_tokens", "suffix", "system", "reward", "algo", "rollout_weights")
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
                   "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
@@ -163,12 +163,18 @@ def is_done(run: Run, run_dir: Path) -> bool:
         and (run.args.eval_n == 0 or s.get("final_eval") is not None)
 
 
-def _die_with_parent() -> None:
+try:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, not between fork and exec
+except OSError:  # not Linux: no parent-death signal, the child may outlive a killed sweep
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> None:
     """In the child: Linux sends it SIGKILL when the sweep dies, even by kill -9 (no orphaned training)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os._exit(1)
 
 
 def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, str]:
@@ -179,17 +185,21 @@ def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, s
     env = {**os.environ, "TINYLORA_PROGRESS_LABEL": label}
     with open(run_dir / "train.log", "ab") as log:
         # its own session: a terminal's Ctrl-C reaches only the sweep, which passes it on once
+        parent = os.getpid()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=lambda: _die_with_parent(parent))
         tail = bytearray()
 
         def relay():  # the child's progress bars and errors: shown live, the end kept for the error
             while chunk := os.read(proc.stderr.fileno(), 4096):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-                log.write(chunk)
                 tail.extend(chunk)
                 del tail[:-8192]
+                for sink in (getattr(sys.stderr, "buffer", None), log):
+                    try:  # a closed or missing stderr must not stop the draining (the child would block)
+                        sink.write(chunk)
+                        sink.flush()
+                    except (AttributeError, OSError, ValueError):
+                        pass
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
 
@@ -288,20 +298,20 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     except BlockingIOError:
         raise ValueError(f"another `tinylora sweep` is running in {out}") from None
     results_path = out / "results.csv"
-    earlier = read_results(results_path)
+    earlier = {row.get("run_key"): row for row in read_results(results_path).values()}
+    _adopt_renamed_runs(runs, out)
     rows: dict[str, dict] = {}
     todo = []
     for r in runs:
         d = out / "runs" / r.name
         made = d / "run.json"
-        if made.is_file() and json.loads(made.read_text())["argv"] != r.argv:
+        if made.is_file() and _made_with(made) != r.argv:
             raise ValueError(f"{d} was made with other options than the spec now gives run {r.name!r}; "
                              "delete or rename that folder to rerun it")
         if is_done(r, d):
             rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys)
-        elif earlier.get(r.name, {}).get("status") == "done" and earlier[r.name].get("run_key") == r.key \
-                and not d.exists():
-            rows[r.name] = earlier[r.name]  # finished in an earlier sitting whose folders are gone
+        elif earlier.get(r.key, {}).get("status") == "done" and not d.exists():
+            rows[r.name] = {**earlier[r.key], "name": r.name}  # finished in a sitting whose folders are gone
         else:
             rows[r.name] = result_row(r, "pending", "", None, option_keys)
             todo.append(r)
@@ -319,7 +329,9 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         say(f"{label}{r.name}")
         d = out / "runs" / r.name
         d.mkdir(parents=True, exist_ok=True)
-        (d / "run.json").write_text(json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
+        tmp = d / "run.json.tmp"
+        tmp.write_text(json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
+        os.replace(tmp, d / "run.json")
         _share_base_eval(r, d, runs, out)
         t0 = time.time()
         rc, err = run_one(r, d, label, progress)
@@ -341,7 +353,30 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "failed", "pending")}
     say(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending → {results_path}")
     lock.close()
+    if _stop.is_set():
+        raise KeyboardInterrupt  # the CLI exits with 130: rerun the same command to continue
     return ordered
+
+
+def _made_with(run_json: Path) -> list[str] | None:
+    try:
+        return json.loads(run_json.read_text())["argv"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _adopt_renamed_runs(runs: list[Run], out: Path) -> None:
+    """A run is its options, not its name: names change when the spec grows a new varying option, so a
+    folder made with the same train flags under another name is renamed, not run again."""
+    by_argv = {}
+    for made in (out / "runs").glob("*/run.json"):
+        argv = _made_with(made)
+        if argv is not None:
+            by_argv[json.dumps(argv)] = made.parent
+    for r in runs:
+        d, old = out / "runs" / r.name, by_argv.get(json.dumps(r.argv))
+        if old is not None and old != d and not d.exists():
+            old.rename(d)
 
 
 def _accuracies(row: dict) -> str:

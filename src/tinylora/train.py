@@ -64,9 +64,10 @@ class TrainConfig:
                 "as hooks; exact and faster than merged, one more fp32 copy of the weights), 'merged' (W + ΔW, "
                 "exact in fp32), 'hooks' (the model's own weights, adapter as hooks: exact in any dtype, the "
                 "GPU choice), 'int8' (CPU: int8 base + fp32 adapter, faster still but approximate), 'auto' "
-                "(packed on a CPU with fp32 weights when memory allows, merged on other CPUs, hooks on a GPU)",
+                "(packed on a CPU with fp32 weights when memory allows, else merged; hooks on a GPU or in "
+                "bf16/fp16)",
         "choices": cpu_weights.CHOICES})
-    seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, sampling and the random projections P"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N steps"})
     suffix: str = field(default=DEFAULT_SUFFIX, metadata={"help": "text appended to every question"})
     system: str = field(default=DEFAULT_SYSTEM, metadata={"help": "system prompt ('' for none)"})
@@ -130,6 +131,9 @@ class Trainer:
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the {self.world} ranks")
         self.reward = load_reward(cfg.reward)  # (completions, prompts, **columns) -> [float | None]
+        if cfg.algo == "sft" and not all(p.solution or p.answer for p in problems):
+            raise ValueError(f"SFT trains on each row's 'solution' (or its 'answer'), which "
+                             f"{sum(not (p.solution or p.answer) for p in problems)} rows lack")
         if cfg.algo == "grpo" and is_builtin(cfg.reward) and not all(p.answer for p in problems):
             raise ValueError(f"reward {cfg.reward!r} compares each completion with the 'answer' column, which "
                              f"{sum(not p.answer for p in problems)} rows lack; add answers or pass your own "
@@ -210,9 +214,9 @@ class Trainer:
         if cfg.algo == "grpo":
             ro, rewards = self.rollout(step, mine)
             t_gen = time.time() - t0
-            adv = group_advantages(rewards, G, cfg.std_norm).to(ro.input_ids.device)  # [N]
+            adv = group_advantages(rewards, G, cfg.std_norm)  # [N] on the CPU, like every row index here
             batch = dict(ids=ro.input_ids, amask=ro.attention_mask, cmask=ro.completion_mask, P=ro.prompt_len,
-                         adv=adv, logp_roll=ro.logp_rollout)
+                         adv=adv.to(ro.input_ids.device), logp_roll=ro.logp_rollout)
             gen_tokens = float(ro.completion_mask.sum())
             # groups with zero advantage add nothing to the loss when there is no KL term: skip their compute
             live = adv.view(-1, G).ne(0).any(dim=1) if cfg.beta == 0 else torch.ones(len(adv) // G, dtype=torch.bool)
@@ -229,17 +233,18 @@ class Trainer:
             # for every update (one update alone needs none: the ratio is 1 by construction)
             with torch.no_grad():
                 batch["logp_old"] = self._logprobs_of(groups.flatten(), batch)
-        totals = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0, "clip_tokens": 0.0, "kl_tokens": 0.0, "tokens": 0.0}
+        totals = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0, "clip_tokens": 0.0, "kl_tokens": 0.0, "tokens": 0.0,
+                  "empty": 0}
         gaps = []
         for _ in range(cfg.epochs):
             for rows in chunks:
                 u = self._update(rows, batch, gaps)
                 for k in totals:
                     totals[k] += u[k]
-        n_updates = cfg.mini_batches * cfg.epochs
-        metrics.update(loss=totals["loss"] / n_updates, grad_norm=totals["grad_norm"] / n_updates,
-                       skipped=totals["skipped"] == n_updates, skipped_updates=totals["skipped"], updates=n_updates,
-                       step_time=time.time() - t0)
+        n_updates = cfg.mini_batches * cfg.epochs - totals["empty"]  # updates that had rows (on some rank)
+        metrics.update(loss=totals["loss"] / max(n_updates, 1), grad_norm=totals["grad_norm"] / max(n_updates, 1),
+                       skipped=n_updates > 0 and totals["skipped"] == n_updates, skipped_updates=totals["skipped"],
+                       updates=n_updates, step_time=time.time() - t0)
         if cfg.algo == "grpo":
             scored = ~torch.isnan(rewards)
             sums = dist.all_sum(torch.tensor([rewards[scored].sum().item(), float(scored.sum()), float(len(rewards)),
@@ -260,7 +265,7 @@ class Trainer:
         """(micro-batch rows, first, last) with the columns that are padding for all its rows trimmed
         (left of the prompts, right of the completions)."""
         amask, P = batch["amask"], batch["P"]
-        for mb in self.micro_batches(rows, batch["cmask"].sum(dim=1)):
+        for mb in self.micro_batches(rows, batch["cmask"].sum(dim=1).cpu()):
             cols = amask[mb].nonzero()[:, 1]
             yield mb, min(int(cols.min()), P - 1), int(cols.max()) + 1
 
@@ -278,8 +283,12 @@ class Trainer:
         ids, amask, cmask = batch["ids"], batch["amask"], batch["cmask"]
         self.opt.zero_grad(set_to_none=True)
         # every rank joins every collective, even one with no rows to train on in this update
-        n_tokens = max(float(dist.all_sum(cmask[rows.to(cmask.device)].sum().float().reshape(1)).item()), 1.0)
-        out = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0, "clip_tokens": 0.0, "kl_tokens": 0.0, "tokens": 0.0}
+        n_tokens = float(dist.all_sum(cmask[rows.to(cmask.device)].sum().float().reshape(1)).item())
+        out = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0, "clip_tokens": 0.0, "kl_tokens": 0.0, "tokens": 0.0,
+               "empty": 0}
+        if n_tokens == 0:  # no rank has a row: no step (AdamW would still move v by its momentum)
+            out["empty"] = 1
+            return out
         for mb, first, last in self._micro(rows, batch):
             logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
             m = cmask[mb, :last - P]  # [n, C']
@@ -309,6 +318,7 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
         dist.all_sum_grads(self.params)
         finite = all(torch.isfinite(p.grad).all() for p in self.params) and math.isfinite(out["loss"])
+        finite = dist.all_sum(torch.tensor([float(not finite)])).item() == 0  # all ranks skip together
         out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf")).item()
         if finite:
             self.opt.step()

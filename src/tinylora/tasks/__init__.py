@@ -10,12 +10,13 @@ class Problem:
     question: str
     answer: str  # the gold final answer, e.g. "42"
     solution: str = ""  # a worked solution ending in "#### <answer>" (used by SFT)
-    extra: dict = field(default_factory=dict, compare=False)  # the data file's other columns (custom rewards)
+    extra: dict = field(default_factory=dict, compare=False)  # a data file's raw columns (custom rewards)
 
     @property
     def columns(self) -> dict:
         """Every column of this row, as a reward function receives them (TRL's keyword arguments)."""
-        return {**self.extra, "question": self.question, "answer": self.answer, "solution": self.solution}
+        return {"question": self.question, "answer": self.answer, "solution": self.solution, **self.extra,
+                "gold": self.answer}  # `gold`: the final answer as the built-in rules compare it
 
 
 TASKS = ("arithmetic", "gsm8k", "jsonl")

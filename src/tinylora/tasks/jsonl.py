@@ -48,11 +48,11 @@ def load_jsonl(path: str | Path, prompt_template: str | None = None) -> list[Pro
                 raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; {what} "
                                  + ", ".join(f'"{k}"' for k in needed))
             q = prompt_template.format_map(row) if prompt_template else row["question"]
-            a = str(row.get("answer", ""))
+            a = "" if row.get("answer") is None else str(row["answer"])
             if not isinstance(q, str) or not q.strip() or (not prompt_template and not a.strip()):
                 raise ValueError(f"{path}:{lineno}: \"question\" and \"answer\" must be non-empty strings")
             solution = str(row.get("solution") or (a if "####" in a else ""))
-            extra = {k: v for k, v in row.items() if k not in ("question", "answer", "solution")}
+            extra = {k: v for k, v in row.items() if k != "question"}  # as written: a custom reward gets them raw
             problems.append(Problem(q, a.split("####")[-1].strip().replace(",", ""), solution, extra))
     if not problems:
         raise ValueError(f"{path}: no problems found (empty file?)")
