@@ -102,7 +102,8 @@ def cmd_eval(args) -> None:
     result = evaluate(config_from(ModelConfig, args), config_from(DataConfig, args), adapter=args.adapter,
                       split=args.split, n=args.n, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reward=args.reward,
-                      seed=args.seed, weights=args.weights, out=args.out, strict=args.strict,
+                      seed=args.seed, weights=args.weights, out=args.out, strict=args.strict, suffix=args.suffix,
+                      system=args.system or None,
                       progress=not args.json)
     if args.json:
         print(json.dumps(result))
@@ -131,6 +132,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .api import DataConfig, ModelConfig
     from .cpu_weights import CHOICES
+    from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
     parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default="strict", help="answer rule: strict, boxed, lenient, or FILE.py:function / "
                    "module:function (default: strict); lenient accuracy is reported beside it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--suffix", default=DEFAULT_SUFFIX, help="text appended to every question, as in train "
+                   "(default: the arithmetic answer-format instruction)")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none), as in train")
     p.add_argument("--weights", choices=CHOICES, default="auto",
                    help="weights that generate, as --rollout-weights of train (default: auto, exact fp32)")
     p.add_argument("--out", help="write one JSON line per sample here")
