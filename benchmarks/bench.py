@@ -7,8 +7,9 @@
     python benchmarks/bench.py svd       # SVD start-up: cold/cached, full/randomized, 7B shapes
     python benchmarks/bench.py bank      # 64 rows with 1, 16, 1000 adapters vs PEFT adapter switching
     python benchmarks/bench.py memory    # peak RSS of a training step: tinylora vs LoRA r=1 vs full
+    python benchmarks/bench.py serve     # tinylora serve, 32 clients, 1 vs 1,000 adapters vs PEFT set_adapter
 
-Results and exact commands: BENCHMARKS.md. `trl`, `bank` and `size` need `pip install -e ".[bench]"`.
+Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from adapters import bench_bank, bench_overhead, bench_size
 from grpo_vs_trl import bench_trl
 from memory import bench_memory
 from rollout_speed import bench_ceiling
+from serve_load import bench_serve
 from startup import bench_svd
 
 BENCHES = {"trl": bench_trl, "ceiling": bench_ceiling, "overhead": bench_overhead, "size": bench_size,
-           "svd": bench_svd, "bank": bench_bank, "memory": bench_memory}
+           "svd": bench_svd, "bank": bench_bank, "memory": bench_memory, "serve": bench_serve}
 
 
 def main() -> None:
@@ -35,11 +37,14 @@ def main() -> None:
                    help="prompts per step (trl, ceiling) or sequences (overhead, memory)")
     p.add_argument("--group", type=int, default=4, help="samples per prompt, G (trl, ceiling)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (overhead, memory)")
-    p.add_argument("--new-tokens", type=int, default=48, help="generated tokens per row")
+    p.add_argument("--new-tokens", type=int, default=48, help="generated tokens per row (serve: at most)")
     p.add_argument("--gen-batch", type=int, default=32, help="rows of the generation timing (overhead)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--steps", type=int, default=4, help="GRPO steps per trainer (trl)")
     p.add_argument("--peft-adapters", type=int, default=16, help="PEFT adapters loaded (bank)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients (serve)")
+    p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (serve)")
+    p.add_argument("--adapters", type=int, default=1000, help="adapters the server loads (serve)")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # memory: the child process
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     args = p.parse_args()

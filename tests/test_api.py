@@ -163,7 +163,7 @@ def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path
     cfg = TrainConfig(steps=3, batch_prompts=4, group_size=4, max_new_tokens=8, lr=0.05, warmup=0.0, suffix="",
                       system="")
     trainer = Trainer(model, tok, adapter, problems, cfg, tmp_path, progress=False)
-    assert str(trainer.fast).startswith("the model's own weights")
+    assert str(trainer.engine.weights).startswith("the model's own weights")
     trainer.reward = pairwise(lambda c, g: float(len(c.split()) % 2))
     history = trainer.fit()
     assert adapter.v.device.type == "cuda" and torch.isfinite(adapter.v).all()

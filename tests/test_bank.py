@@ -37,7 +37,7 @@ def test_each_row_equals_its_adapter_alone(tmp_path):
         mixed = model(ids).logits
     for b, k in enumerate(which):
         assert torch.allclose(mixed[b], alone(paths[k], ids[b:b + 1])[0], atol=1e-5)
-    assert bank.adapter._row_v is None  # the context cleans up
+    assert bank.adapter._row_R is None  # the context cleans up
 
 
 def test_generate_with_mixed_adapters(tmp_path):
@@ -56,9 +56,9 @@ def test_bank_rejects_mixed_configs_and_bad_ids(tmp_path):
     import pytest
     paths = make_files(tmp_path, 1)
     model = tiny_model("qwen2")
-    other = attach(tiny_model("qwen2"), AdapterConfig(u=1))
+    other = attach(tiny_model("qwen2"), AdapterConfig(r=1))  # another rank: other U, Σ, V
     odd = save_adapter(other, tmp_path / "odd.safetensors")
-    with pytest.raises(ValueError, match="bank shares one config"):
+    with pytest.raises(ValueError, match="r=1 differs"):
         AdapterBank(model, paths + [odd])
     bank = AdapterBank(tiny_model("qwen2"), paths)
     with pytest.raises(IndexError):

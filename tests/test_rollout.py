@@ -1,7 +1,8 @@
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.rollout import completion_mask, group_logprobs, sample, sample_categorical, sequence_logprobs
+from tinylora.engine import sample_categorical
+from tinylora.rollout import completion_mask, group_logprobs, sample, sequence_logprobs
 from tinylora.testing import tiny_model_and_tokenizer
 
 PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44", "t50"]
@@ -39,15 +40,16 @@ def test_sample_categorical_draws_the_given_probabilities():
     # 11 entries in blocks of 4 (one padding entry), zeros at both ends and in the middle
     p = torch.tensor([0.0, 0.05, 0.3, 0.0, 0.15, 0.1, 0.0, 0.0, 0.25, 0.15, 0.0])
     n = 200_000
-    draws = sample_categorical(p.expand(n, -1), torch.Generator().manual_seed(0), block=4)
+    draws = sample_categorical(p.expand(n, -1), torch.rand(n, 1, generator=torch.Generator().manual_seed(0)), block=4)
     freq = torch.bincount(draws, minlength=12).double() / n
     assert freq[11] == 0 and (freq[:11][p == 0] == 0).all()  # never padding, never a zero entry
     sigma = (p * (1 - p) / n).sqrt().double()
     assert ((freq[:11] - p).abs() <= 5 * sigma + 1e-12).all(), freq
     edge = torch.zeros(3, 11)
     edge[0, 0] = edge[1, 10] = edge[2, 7] = 1.0  # all mass on one entry, including the last real one
-    assert sample_categorical(edge, torch.Generator().manual_seed(1), block=4).tolist() == [0, 10, 7]
-    a, b = (sample_categorical(p.expand(50, -1), torch.Generator().manual_seed(3), block=4) for _ in range(2))
+    assert sample_categorical(edge, torch.rand(3, 1, generator=torch.Generator().manual_seed(1)), block=4).tolist() == [0, 10, 7]
+    a, b = (sample_categorical(p.expand(50, -1), torch.rand(50, 1, generator=torch.Generator().manual_seed(3)), block=4)
+            for _ in range(2))
     assert torch.equal(a, b)
 
 

@@ -75,7 +75,7 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     cfg = small_cfg(steps=16, lr=0.1, batch_prompts=12, group_size=16, micro_batch=64,
                     rollout_weights=rollout_weights)
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
-    assert type(trainer.fast) is {"merged": type(None), "packed": cpu_weights.PackedWeights,
+    assert type(trainer.engine.weights) is {"merged": type(None), "packed": cpu_weights.PackedWeights,
                                   "int8": cpu_weights.Int8Weights}[rollout_weights]
     reward = planted_reward(trainer, c=1.0, k=48)
     trainer.reward = pairwise(reward)
@@ -185,14 +185,14 @@ def test_rollout_weights_choice(tmp_path):
     assert TrainConfig().rollout_weights == "auto"  # packed fp32 on a CPU: exact and fast
     tiny = attach(model, AdapterConfig())
     expected = cpu_weights.PackedWeights if cpu_weights.packed_available() else type(None)
-    assert type(Trainer(model, tok, tiny, PROBLEMS, small_cfg(), tmp_path, progress=False).fast) is expected
+    assert type(Trainer(model, tok, tiny, PROBLEMS, small_cfg(), tmp_path, progress=False).engine.weights) is expected
     assert Trainer(model, tok, tiny, PROBLEMS, small_cfg(rollout_weights="merged"), tmp_path,
-                   progress=False).fast is None
+                   progress=False).engine.weights is None
     tiny.detach()
     adapter = attach(model, AdapterConfig(method="full"))
     # full fine-tuning changes the weights a copy was taken from: auto falls back, packed and int8 refuse
     assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="auto"), tmp_path,
-                   progress=False).fast is None
+                   progress=False).engine.weights is None
     for choice in ("packed", "int8"):
         with pytest.raises(ValueError, match="full fine-tuning"):
             Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights=choice), tmp_path, progress=False)

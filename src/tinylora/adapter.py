@@ -70,7 +70,7 @@ class Adapter(nn.Module):
         self.merged = False
         self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
-        self._row_v: torch.Tensor | None = None  # [batch, n_groups, k] while an AdapterBank drives us
+        self._row_R: torch.Tensor | None = None  # [batch, n_modules, r, r] s·R per row, while rows differ (bank, engine)
         self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._hooks = []
@@ -123,8 +123,8 @@ class Adapter(nn.Module):
     def R(self, i: int) -> torch.Tensor:
         """s·R of module i: [r, r], or [batch, r, r] when rows use different adapters."""
         f, g = self.factors[i], self.group_of[i]
-        if self._row_v is not None:
-            return self.config.scale * torch.einsum("bk,kij->bij", self._row_v[:, g].float(), f.P)
+        if self._row_R is not None:
+            return self._row_R[:, i]  # [batch, r, r]
         return self.config.scale * torch.einsum("k,kij->ij", self.v[g].float(), f.P)
 
     def delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -137,14 +137,14 @@ class Adapter(nn.Module):
     def _down(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Σ (sR) Vᵀ x of module i: x [..., in] → [..., r], the input side of ΔW x = U · this."""
         f = self.factors[i]
-        if self._row_v is None and not torch.is_grad_enabled():  # generation: V·(sR)ᵀ·Σ fused once per v
+        if self._row_R is None and not torch.is_grad_enabled():  # generation: V·(sR)ᵀ·Σ fused once per v
             return F.linear(x, self._fused_in(i).to(x.dtype))  # [..., r]
         h = x @ f.V.to(x.dtype)  # [..., r]
         R = self.R(i).to(x.dtype)
         if R.dim() == 2:
             h = h @ R.T  # [..., r]
         else:  # per-row adapters: x is [batch, seq, in]
-            if R.shape[0] != h.shape[0]:  # generate() may expand rows (num_return_sequences)
+            if R.shape[0] != h.shape[0]:  # HF generate() may expand rows (num_return_sequences)
                 R = R.repeat_interleave(h.shape[0] // R.shape[0], dim=0)
             h = torch.einsum("bsk,bjk->bsj", h, R)  # [batch, seq, r]
         return h * f.S.to(x.dtype)  # [..., r]

@@ -179,10 +179,11 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts or
     # without rollouts (SFT) it merges on a CPU in fp32, and keeps the adapter as hooks elsewhere
     weight = next(net.parameters())
-    exact_copy = trainer.fast if isinstance(trainer.fast, (cpu_weights.PackedWeights, cpu_weights.AdapterHooks)) \
+    fast = trainer.engine.weights
+    exact_copy = fast if isinstance(fast, (cpu_weights.PackedWeights, cpu_weights.AdapterHooks)) \
         else None if weight.device.type == "cpu" and weight.dtype == torch.float32 else cpu_weights.AdapterHooks()
     if cfg.algo == "grpo":
-        say(f"rollout weights: {trainer.fast or 'the adapter merged into the weights for each rollout'}")
+        say(f"rollout weights: {fast or 'the adapter merged into the weights for each rollout'}")
     ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=cfg.reward,
               suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0,
               weights=exact_copy)

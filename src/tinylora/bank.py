@@ -1,53 +1,153 @@
-"""Many adapters over one base model in one batch.
+"""Many adapters over one base model, in one batch.
 
-An AdapterBank stacks the v of N adapter files into one tensor [N, n_groups, k]. Inside
-`bank.rows(ids)` every forward (and so `generate`) uses, for row b, adapter ids[b]: each adapted
-layer builds one r×r matrix per row, so the extra cost per row is the same for 1 or 10,000
-distinct adapters.
+Every tinylora and lora-xs adapter of one base shares the frozen factors U, Σ, V (same rank r, same
+targets); what differs is each module's r×r matrix s·R = s·Σ_i v_i P_i. So an AdapterBank keeps each
+adapter as that stack R [n_modules, r, r] (a few KB) and a batch row only needs its own R: the extra
+cost per row is the same for 1 or 10,000 distinct adapters, and adapters with different u, n_tie,
+tying or seed still share a batch.
+
+    bank = AdapterBank(model, ["alice.safetensors", "bob.safetensors"])
+    with bank.rows(["bob", "alice", None]):   # None: the base model
+        model.generate(...)                    # (or the Engine, which tracks rows as they come and go)
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import Adapter, attach
+from .adapter import Adapter, attach, projections
+from .config import AdapterConfig
 from .io import check_fingerprint, fingerprint, read_adapter_file
+from .plan import tie_groups
+
+SERVABLE = ("tinylora", "lora-xs")
+SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module, paths: list[str | os.PathLike], *, strict: bool = True, **kwargs):
-        if not paths:
-            raise ValueError("an AdapterBank needs at least one adapter file")
-        first_config, meta, _ = read_adapter_file(paths[0])
-        if first_config.method not in ("tinylora", "lora-xs"):
-            raise ValueError(f"{paths[0]}: the bank serves tinylora/lora-xs adapters, not {first_config.method!r}")
-        self.adapter: Adapter = attach(model, first_config, **kwargs)
-        check_fingerprint(meta["fingerprint"], fingerprint(self.adapter), str(paths[0]), strict)
-        rows = []
+    def __init__(self, model: nn.Module, paths: list[str | os.PathLike] = (), *, config: AdapterConfig | None = None,
+                 strict: bool = True, max_file_bytes: int | None = None, **kwargs):
+        """Attach the shared factors (from `config`, else the first file's config, else the default) and
+        load `paths`, each under its file name without `.safetensors`."""
+        if config is None:
+            config = read_adapter_file(paths[0])[0] if paths else AdapterConfig()
+        if config.method not in SERVABLE:
+            raise ValueError(f"a bank serves {'/'.join(SERVABLE)} adapters, not {config.method!r}")
+        self.config = config
+        self.adapter: Adapter = attach(model, config, **kwargs)  # its own v stays 0: rows bring their R
+        self.fingerprint = fingerprint(self.adapter)
+        self.strict, self.max_file_bytes = strict, max_file_bytes
+        self._targets = [t.name for t in self.adapter.targets]
+        self.R: dict[str, torch.Tensor] = {}  # name -> [n_modules, r, r], on the model's device
         for p in paths:
-            config, _, tensors = read_adapter_file(p)
-            if config != first_config:
-                raise ValueError(f"{p}: config {config} differs from {paths[0]}: a bank shares one config")
-            rows.append(tensors["v"].float())  # [n_groups, k]
-        device = self.adapter.factors[0].U.device
-        self.v = torch.stack(rows).to(device)  # [n_adapters, n_groups, k]
-        self.paths = [str(p) for p in paths]
+            self.load(p)
 
     def __len__(self) -> int:
-        return self.v.shape[0]
+        return len(self.R)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.R)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.factors[0].U.device
+
+    # ---- adding and removing ------------------------------------------------------------------
+    def load(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Validate a file (format, size, checksum, finite values, base fingerprint, shared factors) and
+        add it under `name` (default: the file name without .safetensors). Returns the name."""
+        path = Path(path)
+        if self.max_file_bytes is not None and path.is_file() and path.stat().st_size > self.max_file_bytes:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes is over the limit of {self.max_file_bytes}")
+        config, meta, tensors = read_adapter_file(path)
+        check_fingerprint(meta["fingerprint"], self.fingerprint, str(path), self.strict)
+        name = name or path.name.removesuffix(".safetensors")
+        self.add(name, config, tensors.get("v"), source=str(path))
+        return name
+
+    def add(self, name: str, config: AdapterConfig, v, *, source: str = "adapter") -> torch.Tensor:
+        self.R[name] = self.R_of(config, v, source=source)
+        return self.R[name]
+
+    def remove(self, name: str) -> None:
+        if name not in self.R:
+            raise KeyError(name)
+        del self.R[name]
+
+    def R_of(self, config: AdapterConfig, v, *, source: str = "adapter") -> torch.Tensor:
+        """The stack s·R [n_modules, r, r] of an adapter given by its config and v [n_groups, k] (a tensor or
+        nested lists), after checking that it fits this bank; without adding it (inline adapters)."""
+        if config.method not in SERVABLE:
+            raise ValueError(f"{source}: method {config.method!r} cannot be served (only {'/'.join(SERVABLE)})")
+        for f in SHARED_FIELDS:
+            if getattr(config, f) != getattr(self.config, f):
+                raise ValueError(f"{source}: {f}={getattr(config, f)!r} differs from this bank's "
+                                 f"{getattr(self.config, f)!r} (adapters in one bank share U, Σ, V)")
+        if v is None:
+            raise ValueError(f"{source}: holds no 'v' tensor")
+        try:
+            v = torch.as_tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{source}: v is not an array of numbers: {e}") from e
+        P, group_of, n_groups = _projections(config.to_json(), tuple(self.adapter.targets))
+        if tuple(v.shape) != (n_groups, config.numbers_per_group):
+            raise ValueError(f"{source}: v has shape {list(v.shape)}, expected [{n_groups}, "
+                             f"{config.numbers_per_group}] for this config on this model")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{source}: v holds NaN or inf values")
+        v = v.to(torch.bfloat16 if config.v_dtype == "bf16" else torch.float16 if config.v_dtype == "fp16"
+                 else torch.float32).float()  # the values the adapter itself would hold
+        R = config.scale * torch.einsum("mk,mkij->mij", v[group_of], P)  # [n_modules, r, r]
+        return R.to(self.device)
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def stack(self, which) -> torch.Tensor:
+        """[batch, n_modules, r, r] for a list of names (or indices into `names`; None: the base)."""
+        names = self.names
+        out = []
+        for w in which:
+            if w is None:
+                out.append(self.zeros())
+            elif isinstance(w, str):
+                if w not in self.R:
+                    raise KeyError(f"no adapter named {w!r} in this bank")
+                out.append(self.R[w])
+            else:
+                if not 0 <= int(w) < len(names):
+                    raise IndexError(f"adapter ids must lie in [0, {len(names)}), got {w}")
+                out.append(self.R[names[int(w)]])
+        return torch.stack(out) if out else self.zeros()[None][:0]
+
+    def zeros(self) -> torch.Tensor:
+        """The base model's R (nothing added)."""
+        r = self.config.r
+        return torch.zeros(len(self._targets), r, r, device=self.device)
 
     @contextlib.contextmanager
-    def rows(self, adapter_ids):
-        """Within this block, batch row b runs adapter number adapter_ids[b] (an index into the bank)."""
-        ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=self.v.device)  # [batch]
-        if ids.numel() and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"adapter ids must lie in [0, {len(self)}), got {ids.tolist()}")
-        self.adapter._row_v = self.v[ids]  # [batch, n_groups, k]
+    def rows(self, which):
+        """Within this block every forward (HF `generate` included) runs row b with adapter which[b]."""
+        self.adapter._row_R = self.stack(which)
         try:
             yield
         finally:
-            self.adapter._row_v = None
+            self.adapter._row_R = None
+
+
+@functools.lru_cache(maxsize=64)
+def _projections(config_json: str, targets: tuple):
+    """P of every module [n_modules, k, r, r], each module's tie group [n_modules], and the group count:
+    the same for every adapter of one config, so computed once."""
+    config = AdapterConfig.from_json(config_json)
+    groups = tie_groups(list(targets), config)
+    group_of = torch.empty(len(targets), dtype=torch.long)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    P = torch.stack([projections(config, t.name) for t in targets])  # [n_modules, k, r, r]
+    return P, group_of, len(groups)

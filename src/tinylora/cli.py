@@ -1,9 +1,10 @@
-"""The `tinylora` command: train, sweep, eval, count, info, export, merge."""
+"""The `tinylora` command: train, sweep, eval, serve, count, info, export, merge."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -119,6 +120,28 @@ def cmd_eval(args) -> None:
         print(f"per-sample results: {args.out}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        import uvicorn
+
+        from .serve import Limits, build_server
+        from .serve.app import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'tinylora[serve]'") from e
+    from .api import ModelConfig
+    from .models import load_model
+    mc = config_from(ModelConfig, args)
+    name = args.served_model_name or mc.model
+    model, tokenizer = load_model(mc.model, mc.dtype, mc.device)
+    server = build_server(model, tokenizer, name=name, adapters=args.adapters, limits=config_from(Limits, args),
+                          strict=args.strict, weights=args.weights, api_key=args.api_key,
+                          allow_runtime_adapters=args.allow_runtime_adapters)
+    print(f"serving {name} and {len(server.bank)} adapters at http://{args.host}:{args.port}/v1 "
+          f"({server.engine.weights}){'; API key required' if args.api_key else ''}", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_seconds)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every flag of `tinylora train` (also how `tinylora sweep` checks a spec's options)."""
     from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -180,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load the adapter even if the base fingerprint differs")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server for the base model and many adapters at once",
+                       description="Serve /v1/completions, /v1/chat/completions and /v1/models. A request's 'model' "
+                       "names the base model or an adapter (its file name without .safetensors), or the request "
+                       "carries one inline ('adapter': {'config': {...}, 'v': [[...]]}); all of them decode in one "
+                       "batch.")
+    from .serve.limits import Limits
+    add_config_args(p.add_argument_group("model"), ModelConfig)
+    p.add_argument("--adapters", help="folder whose *.safetensors adapters are all served")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TINYLORA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint (default: $TINYLORA_API_KEY)")
+    p.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--weights", choices=[c for c in CHOICES if c != "merged"], default="auto",
+                   help="weights that generate (default: auto: a packed fp32 copy on a CPU, hooks on a GPU)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="serve adapters even if their base fingerprint differs")
+    add_config_args(p.add_argument_group("limits"), Limits)
+    p.add_argument("--graceful-seconds", type=int, default=60,
+                   help="on shutdown, wait this long for requests in flight (default: 60)")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
     p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder or config.json")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cpu_weights import generating
+from .engine import Engine
 from .rewards import REWARDS, extract_last_number, is_builtin, lenient_reward, load_reward, parse_number, score
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, sample
+from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
 from .tasks import Problem
 
 
@@ -53,12 +53,13 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
-    with generating(weights, adapter):
+    engine = Engine(model, tokenizer, weights=weights, adapter=adapter)
+    with engine.generating():  # entered once: a merge is not redone for every batch
         for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]
             prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)
-            ro = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        greedy=greedy, seed=seed + start, with_logprobs=False, repeats=k)
+            ro = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                                 seed=seed + start, with_logprobs=False, repeats=k)
             scores = score(reward_fn, ro.completions, [pr for pr in prompts for _ in range(k)],
                            [p.columns for p in chunk for _ in range(k)])
             for j, (completion, r) in enumerate(zip(ro.completions, scores)):  # problem by problem, k each

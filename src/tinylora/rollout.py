@@ -1,8 +1,8 @@
 """Rollouts: prompts → sampled completions (+ the sampler's own log-probs), and log-probs for training.
 
-Generation runs on whatever weights the model has (the trainer merges the adapter first) and samples
-from exactly softmax(logits / T): a model's own generation defaults (top-k, top-p, repetition
-penalty) would silently change the distribution that the policy gradient assumes.
+Generation itself is the Engine's (engine.py), which samples from exactly softmax(logits / T): a
+model's own generation defaults (top-k, top-p, repetition penalty) would silently change the
+distribution that the policy gradient assumes.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def chat_prompts(tokenizer, questions: list[str], suffix: str = DEFAULT_SUFFIX,
 
 @dataclass
 class Rollout:
+    """A batch of prompts and their completions, as the trainer consumes it."""
+
     input_ids: torch.Tensor  # [N, P + C] prompt (left-padded) then completion (right-padded)
     attention_mask: torch.Tensor  # [N, P + C]
     completion_mask: torch.Tensor  # [N, C] 1 up to and including the first end-of-sequence token
@@ -51,6 +53,11 @@ class Rollout:
     @property
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]  # [N, C]
+
+    def to(self, device) -> "Rollout":
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Rollout(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+                       self.prompt_len, self.completions, move(self.logp_rollout))
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -94,85 +101,20 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     return logits, cache, mask, pos
 
 
-def sample_categorical(probs: torch.Tensor, gen: torch.Generator, block: int = 1024) -> torch.Tensor:
-    """One draw per row from probs [n, V] (rows sum to ~1) by inverse CDF, in two levels: a block of
-    `block` entries, then an entry inside it. Same law as torch.multinomial, far faster at a large vocab.
-
-    torch.multinomial draws an exponential variate for every entry (32 × 152k per decode step, on one
-    thread); this draws one uniform per row, and two short cumsums stand in for one 152k-long serial one.
-    Zero-probability entries (and the padding) are never drawn.
-    """
-    n, V = probs.shape
-    blocks = torch.nn.functional.pad(probs.float(), (0, -V % block)).view(n, -1, block)  # [n, nb, block]
-    cdf = blocks.sum(-1).cumsum(-1)  # [n, nb]
-    u = torch.rand(n, 1, generator=gen, device=probs.device) * cdf[:, -1:]  # [n, 1]
-    b = torch.searchsorted(cdf, _below(u, cdf), right=True)  # [n, 1] first block whose cdf exceeds u
-    u = u - torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)  # [n, 1] offset into the block
-    inner = blocks[torch.arange(n, device=probs.device), b.squeeze(1)].cumsum(-1)  # [n, block]
-    i = torch.searchsorted(inner, _below(u, inner), right=True)  # [n, 1]
-    return (b * block + i).squeeze(1)  # [n]
-
-
-def _below(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
-    """u [n, 1] clamped into [0, total) of cdf [n, m], against rounding: searchsorted(right=True) then
-    lands on an entry with positive mass."""
-    return torch.minimum(u.clamp(min=0), torch.nextafter(cdf[:, -1:], torch.zeros_like(u)))
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
            greedy: bool = False, seed: int = 0, with_logprobs: bool = True, repeats: int = 1) -> Rollout:
-    """`repeats` completions per prompt, rows ordered prompt by prompt. Seeded: same seed, same output.
+    """`repeats` completions per prompt from the model's weights as they are, through the `Engine`.
 
-    A plain sampling loop over a KV cache rather than `generate()`, for three savings that matter on a
-    CPU: each prompt is prefilled once and its cache copied for its `repeats` samples (GRPO's G);
-    rows that have produced their end-of-sequence token leave the batch, so the cost follows the mean
-    completion length, not the longest; and each token's log-prob under the sampling weights comes
-    for free (for the importance correction).
+    Seeded: same seed, same output. Each prompt is prefilled once and its cache copied for its `repeats`
+    samples (GRPO's G); finished rows leave the batch, so the cost follows the mean completion length,
+    not the longest; each token's log-prob under the sampling law comes for free (for the importance
+    correction).
     """
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    eos = torch.tensor(eos_ids(model, tokenizer), device=model.device)
-    pad = tokenizer.pad_token_id
-    P = enc.input_ids.shape[1]
-    N = len(prompts) * repeats
-    tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=model.device)  # [N, C]
-    logps = torch.zeros(N, max_new_tokens, device=model.device)  # [N, C]
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    rows = torch.arange(N, device=model.device)  # [n] batch rows still generating
-    logits, cache, mask, pos = prefill(model, enc.input_ids, enc.attention_mask, repeats)  # G samples, one prefill
-    logits = logits[:, -1]  # [n, V]; mask [n, P + t]
-    next_pos = pos[:, -1] + 1  # [n]
-    length = 0
-    for t in range(max_new_tokens):
-        if greedy:
-            tok = logits.argmax(-1)  # [n]
-        else:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)  # [n, V]
-            tok = sample_categorical(probs, gen)  # [n]
-            logps[rows, t] = probs.gather(1, tok[:, None]).squeeze(1).log()
-        tokens[rows, t] = tok
-        length = t + 1
-        alive = ~torch.isin(tok, eos)  # [n]
-        if t == max_new_tokens - 1 or not alive.any():
-            break
-        if not alive.all():  # finished rows leave the batch
-            keep = alive.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # [n, P + t + 1]
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       **with_cache(model, cache)).logits[:, -1]  # [n, V]
-        next_pos = next_pos + 1
-    completion = tokens[:, :length]  # [N, C]
-    cmask = completion_mask(completion, eos.tolist())  # [N, C]
-    texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0, pad), skip_special_tokens=True)
-    prompt_ids = enc.input_ids.repeat_interleave(repeats, dim=0)  # [N, P]
-    prompt_mask = enc.attention_mask.repeat_interleave(repeats, dim=0)  # [N, P]
-    return Rollout(input_ids=torch.cat([prompt_ids, completion], dim=1),
-                   attention_mask=torch.cat([prompt_mask, cmask], dim=1), completion_mask=cmask,
-                   prompt_len=P, completions=texts,
-                   logp_rollout=logps[:, :length] * cmask if with_logprobs and not greedy else None)
+    from .engine import Engine
+    return Engine(model, tokenizer, weights=None).generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, seed=seed,
+        with_logprobs=with_logprobs, repeats=repeats)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

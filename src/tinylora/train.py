@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from . import cpu_weights, dist
 from .checkpoint import load_checkpoint, save_checkpoint
+from .engine import Engine
 from .grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
 from .rewards import REWARDS, is_builtin, load_reward, score
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, group_logprobs, sample, sequence_logprobs
+from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, group_logprobs, sequence_logprobs
 from .tasks import Problem
 
 
@@ -143,19 +144,17 @@ class Trainer:
             raise ValueError(f"method {adapter.config.method!r} has nothing to train")
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.progress = progress and self.rank == 0
-        # a fast weight copy for rollouts (None: merge the adapter into the weights for each rollout)
-        self.fast = cpu_weights.for_generation(model, cfg.rollout_weights, adapter.config.method) \
-            if cfg.algo == "grpo" else None
+        # rollouts: a fast weight copy with the adapter as hooks, or the adapter merged in for each rollout
+        self.engine = Engine(model, tokenizer, weights=cfg.rollout_weights if cfg.algo == "grpo" else None,
+                             adapter=adapter, exact=True)
         self.stop_requested = False
 
     # ---- one step ---------------------------------------------------------------------------
     def rollout(self, step: int, problems: list[Problem]):
         cfg = self.cfg
         prompts = chat_prompts(self.tok, [p.question for p in problems], cfg.suffix, cfg.system or None)
-        # a packed/int8 base + the adapter's hooks, or the adapter merged into the fp32 weights
-        with cpu_weights.generating(self.fast, self.adapter, exact=True):  # N = B·G rows, group by group
-            ro = sample(self.model, self.tok, prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,
-                        temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
+        ro = self.engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,  # N = B·G
+                                  temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
         G = cfg.group_size
         scores = score(self.reward, ro.completions, [pr for pr in prompts for _ in range(G)],
                        [p.columns for p in problems for _ in range(G)])

@@ -1,0 +1,167 @@
+"""`bench.py serve`: `tinylora serve` under 32 concurrent clients, against a PEFT set_adapter server.
+
+Both servers run as their own processes (the real CLI for ours); one asyncio client process drives them
+with `--clients` closed-loop clients, each sending its requests one after another. Greedy completions of
+`--new-tokens` tokens for arithmetic chat prompts of the default task. Reported: completion tokens/s over
+the whole run and p50/p99 request latency, for
+  - the base model, one adapter for every request, a different adapter for every request (of 1,000
+    loaded), the same adapters sent inline in each request;
+  - the PEFT baseline: the same adapters exported as exact rank-2 LoRA, `set_adapter` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import table
+
+from tinylora import AdapterConfig, attach, save_adapter
+from tinylora.bank import AdapterBank
+from tinylora.export import export_peft
+from tinylora.io import read_adapter_file
+from tinylora.models import load_model
+from tinylora.rollout import chat_prompts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, timeout: float = 600) -> subprocess.Popen:
+    import httpx
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not come up")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def drive(port: int, bodies: list[list[dict]]) -> dict:
+    """bodies[c] = client c's requests, sent one after another; all clients at once."""
+    import httpx
+    latencies, tokens = [], 0
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=3600,
+                                 limits=httpx.Limits(max_connections=len(bodies) + 4)) as http:
+        r = await http.post("/completions", json={**bodies[0][0], "max_tokens": 2})  # warm-up
+        r.raise_for_status()
+
+        async def client(mine):
+            nonlocal tokens
+            for body in mine:
+                t = time.perf_counter()
+                r = await http.post("/completions", json=body)
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t)
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(m) for m in bodies))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": len(latencies), "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
+            "p50": statistics.median(latencies), "p99": q[98]}
+
+
+def bench_serve(args) -> None:
+    clients, per_client, new = args.clients, args.requests_per_client, args.new_tokens
+    work = Path(tempfile.mkdtemp(prefix="tinylora-serve-bench-"))
+    model, tok = load_model(args.model, "fp32", "cpu")
+    from tinylora.api import DataConfig
+    questions = [p.question for p in DataConfig().problems("test", clients * per_client)]
+    prompts = chat_prompts(tok, questions)
+    # 1,000 adapters of the paper's size (u=1, n_tie=16), random v at the scale trained ones reach
+    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
+    ours, peft = work / "ours", work / "peft"
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in range(args.adapters):
+            adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
+            save_adapter(adapter, ours / f"a{k:04d}.safetensors")
+            if k < clients:
+                export_peft(adapter, peft / f"a{k:04d}")
+    n_numbers = adapter.num_trainable()
+    adapter.detach()
+    t = time.perf_counter()
+    bank = AdapterBank(model, sorted(ours.glob("*.safetensors")), progress=False)
+    load_s = time.perf_counter() - t
+    bank.adapter.detach()
+    del model, bank
+
+    def plan(model_of, inline=False) -> list[list[dict]]:
+        out = []
+        for c in range(clients):
+            mine = []
+            for j in range(per_client):
+                i = c * per_client + j
+                body = {"model": model_of(i, c), "prompt": prompts[i], "max_tokens": new, "temperature": 0}
+                if inline:
+                    config, _, tensors = read_adapter_file(ours / f"{body['model']}.safetensors")
+                    body = {**body, "model": "base", "adapter": {"config": json.loads(config.to_json()), "v": tensors["v"].tolist()}}
+                mine.append(body)
+            out.append(mine)
+        return out
+
+    distinct = lambda i, c: f"a{(i * 7919) % args.adapters:04d}"  # noqa: E731 (a different adapter each request)
+    runs = {"base model (no adapter)": plan(lambda i, c: "base"),
+            "1 adapter for all requests": plan(lambda i, c: "a0000"),
+            f"a different adapter per request (of {args.adapters:,} loaded)": plan(distinct),
+            "the same, sent inline in each request": plan(distinct, inline=True)}
+    results = {}
+    port = free_port()
+    proc = start([sys.executable, "-m", "tinylora", "serve", "--model", args.model, "--served-model-name", "base",
+                  "--adapters", str(ours), "--port", str(port), "--max-batch", str(clients),
+                  "--log-level", "warning"], port)
+    try:
+        for name, bodies in runs.items():
+            results[f"tinylora serve: {name}"] = asyncio.run(drive(port, bodies))
+    finally:
+        stop(proc)
+    port = free_port()
+    proc = start([sys.executable, str(Path(__file__).with_name("peft_server.py")), "--model", args.model,
+                  "--adapters", str(peft), "--port", str(port)], port)
+    try:  # one request per client: it serves one request at a time
+        bodies = [[{"model": f"a{c:04d}", "prompt": prompts[c * per_client], "max_tokens": new, "temperature": 0}]
+                  for c in range(clients)]
+        results[f"PEFT set_adapter per request ({clients} adapters)"] = asyncio.run(drive(port, bodies))
+    finally:
+        stop(proc)
+
+    print(f"\n{args.model}, fp32 on {os.cpu_count()} CPU cores; {clients} concurrent clients, greedy, max {new} new "
+          f"tokens; adapters of {n_numbers} numbers (u=1, n_tie=16)\n")
+    table(["server and workload", "requests", "tokens", "tok/s", "p50 s", "p99 s"],
+          [[k, r["requests"], r["tokens"], f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}"]
+           for k, r in results.items()])
+    keys = list(results)
+    one, many, inline, peft_r = (results[k]["tok_s"] for k in keys[1:5])
+    print(f"\n{args.adapters:,} adapter files validated and loaded in {load_s:.1f} s")
+    print(f"throughput ratios: distinct adapters / one adapter {many / one:.2f}; inline / loaded {inline / many:.2f}; "
+          f"tinylora (distinct adapters) / PEFT set_adapter {many / peft_r:.1f}x")

@@ -1,0 +1,403 @@
+"""The generation engine: the one place where tinylora generates (rollouts, evaluation, the server).
+
+It owns the model, the weights it generates with (a packed/int8 copy, hooks, or the adapter merged in:
+`cpu_weights`) and, with an AdapterBank, one adapter per row. Rows are Sequences that join and leave a
+running batch between decode steps (continuous batching):
+
+    engine.add(prompt_ids, Sampling(...))   # queue a request (n rows sharing one prefill)
+    engine.step()                           # admit waiting rows, pick one token for every row, retire
+                                            # finished ones; returns the rows that got a token
+
+Joining pads the shorter KV cache on the left (positions follow each row's own mask, so padding
+changes nothing but memory); leaving selects the remaining rows and, for long-lived batches, trims
+columns that no row attends to any more. Sampling draws exactly from softmax(logits / T) (optionally
+top-p), by inverse CDF from one uniform per row: from one seeded stream for a whole `generate` call
+(rollouts), or from each row's own seeded generator (server requests), so a request's tokens do not
+depend on its neighbours. Backends that generate elsewhere (vLLM fed the exact LoRA export) would
+replace `step`; everything else talks to `add`/`step`/`cancel` or `generate`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from . import cpu_weights
+from .rollout import Rollout, completion_mask, eos_ids, prefill, with_cache
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much probability
+    seed: int | None = None  # this row's own generator (None: the engine's shared stream, or a random seed)
+    stop_token_ids: tuple[int, ...] = ()  # ends a row besides the model's end-of-sequence tokens
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    sampling: Sampling
+    R: torch.Tensor | None = None  # [n_modules, r, r] this row's adapter (bank engines; None: the base)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each sampled token under the sampling law
+    finish_reason: str | None = None  # "stop" (end of sequence or stop token), "length", or the caller's
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, weights="auto", adapter=None, exact: bool = False, bank=None,
+                 max_batch: int = 64):
+        """`weights`: a `cpu_weights` choice ('auto', 'packed', 'merged', 'hooks', 'int8'), an existing copy,
+        or None (generate with the adapter merged in; `exact` restores the weights bit for bit after).
+        `bank`: an AdapterBank; every row then runs its own adapter (Sequence.R), the base where it has none.
+        """
+        self.model, self.tokenizer = model, tokenizer
+        self.bank = bank
+        self.adapter = bank.adapter if bank is not None else adapter
+        if isinstance(weights, str):
+            method = self.adapter.config.method if self.adapter is not None else "frozen"
+            weights = cpu_weights.for_generation(model, weights, method)
+        if bank is not None and weights is None:  # rows differ: a merge would give every row the same adapter
+            weights = cpu_weights.AdapterHooks()
+        self.weights, self.exact = weights, exact
+        self.device = next(model.parameters()).device
+        self.eos = set(eos_ids(model, tokenizer))
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        self.max_batch = max_batch
+        self.compact = True  # trim KV columns no row attends to (off inside `generate`: bit-for-bit rollouts)
+        self.waiting: collections.deque[list[Sequence]] = collections.deque()  # groups sharing one prefill
+        self.shared: torch.Generator | None = None  # one stream for all rows without their own generator
+        self._generating = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self.running: list[Sequence] = []
+        self.cache = None
+        self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
+
+    @contextlib.contextmanager
+    def generating(self):
+        """The weights context every step runs in: enter it once around many steps (re-entering is a no-op)."""
+        if self._generating:
+            yield
+            return
+        self._generating = True
+        try:
+            with cpu_weights.generating(self.weights, None if self.bank is not None else self.adapter, self.exact):
+                yield
+        finally:
+            self._generating = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def __len__(self) -> int:
+        """Rows running or waiting."""
+        return len(self.running) + sum(len(g) for g in self.waiting)
+
+    # ---- the step API -------------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], sampling: Sampling, *, R: torch.Tensor | None = None,
+            n: int = 1) -> list[Sequence]:
+        """Queue `n` rows for one prompt (prefilled once); they join the batch at the next step."""
+        if not prompt_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={sampling.max_new_tokens}: expected >= 1")
+        seqs = []
+        for j in range(n):
+            s = Sequence(list(prompt_ids), sampling, R)
+            if sampling.seed is not None:  # n rows of one seeded request: seed, seed + 1, ...
+                s.generator = torch.Generator().manual_seed(sampling.seed + j)
+            seqs.append(s)
+        self.waiting.append(seqs)
+        return seqs
+
+    def cancel(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a row (a stop string, a client that left): it leaves the batch at the next step."""
+        if not seq.done:
+            seq.finish_reason = reason
+
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """Admit waiting rows, choose one token for every running row, retire the finished ones.
+        Returns the rows that got a token this step (finished ones included)."""
+        self._retire()  # rows cancelled since the last step
+        self._admit()
+        if not self.running:
+            return []
+        tok, logp = self._pick()  # [n], [n] or None
+        toks, lps = tok.tolist(), (logp.tolist() if logp is not None else None)
+        for i, s in enumerate(self.running):
+            s.tokens.append(toks[i])
+            if lps is not None:
+                s.logprobs.append(lps[i])
+            if toks[i] in self.eos or toks[i] in s.sampling.stop_token_ids:
+                s.finish_reason = "stop"
+            elif len(s.tokens) >= s.sampling.max_new_tokens:
+                s.finish_reason = "length"
+        stepped = list(self.running)
+        keep = self._retire(tok)
+        if self.running:
+            self._decode(tok[keep] if keep is not None else tok)
+        return stepped
+
+    # ---- the batch API (rollouts, evaluation) ----------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
+                 seed: int = 0, with_logprobs: bool = True, repeats: int = 1, adapters=None) -> Rollout:
+        """`repeats` completions per prompt, rows ordered prompt by prompt; same seed, same output.
+        `adapters` (bank engines): one name per prompt, None for the base."""
+        if not self.idle:
+            raise RuntimeError("generate() needs an idle engine (it is serving rows)")
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature)
+        Rs = self.bank.stack(adapters) if adapters is not None else [None] * len(ids)
+        groups = [self.add(x, sampling, R=R, n=repeats) for x, R in zip(ids, Rs)]
+        self.shared = torch.Generator(device=self.device).manual_seed(seed)
+        self.compact, limit, self.max_batch = False, self.max_batch, len(ids) * repeats
+        try:
+            with self.generating():
+                while not self.idle:
+                    self.step()
+        finally:
+            self.compact, self.max_batch, self.shared = True, limit, None
+            self.waiting.clear()
+            self._clear()
+        seqs = [s for g in groups for s in g]
+        return _as_rollout(seqs, self.tokenizer, self.pad, self.eos, with_logprobs and not greedy).to(self.device)
+
+    # ---- inside a step -------------------------------------------------------------------------
+    def _admit(self) -> None:
+        room = self.max_batch - len(self.running)
+        groups = []
+        while self.waiting and (len(self.waiting[0]) <= room or not (self.running or groups)):
+            g = [s for s in self.waiting.popleft() if not s.done]  # cancelled while waiting: dropped
+            if g:
+                groups.append(g)
+                room -= len(g)
+        if not groups:
+            return
+        P = max(len(g[0].prompt) for g in groups)
+        ids = torch.full((len(groups), P), self.pad, dtype=torch.long)  # [b, P] left-padded
+        mask = torch.zeros(len(groups), P, dtype=torch.long)  # [b, P]
+        for i, g in enumerate(groups):
+            ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
+            mask[i, P - len(g[0].prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        R = self._stack_R([g[0] for g in groups])  # [b, M, r, r] or None
+        counts = {len(g) for g in groups}
+        repeats = counts.pop() if len(counts) == 1 else 1  # one size: the cache's own repeat, as in training
+        with self._rows(R):
+            logits, cache, mask, pos = prefill(self.model, ids, mask, repeats)  # [b·k, 1, V], ..., [b·k, P]
+        if repeats == 1 and any(len(g) > 1 for g in groups):
+            idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+            cache.batch_select_indices(idx.to(self.device))
+            logits, mask, pos = logits[idx], mask[idx], pos[idx]
+        if R is not None:
+            R = R.repeat_interleave(torch.tensor([len(g) for g in groups], device=R.device), dim=0)  # [n_new, M, r, r]
+        new = [s for g in groups for s in g]
+        if self.shared is None:
+            for s in new:  # every server row samples from its own stream
+                s.generator = s.generator or torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
+        state = (cache, mask, pos[:, -1] + 1, logits[:, -1], R)  # next_pos [n], logits [n, V]
+        if not self.running:
+            self.running = new
+            self.cache, self.mask, self.next_pos, self.logits, self.row_R = state
+        else:
+            self._join(new, *state)
+
+    def _join(self, new, cache, mask, next_pos, logits, R) -> None:
+        """Append admitted rows to the running batch, left-padding whichever KV cache is shorter."""
+        self._trim()
+        gap = self.mask.shape[1] - mask.shape[1]
+        if gap > 0:
+            _pad_left(cache, gap)
+            mask = F.pad(mask, (gap, 0))
+        elif gap < 0:
+            _pad_left(self.cache, -gap)
+            self.mask = F.pad(self.mask, (-gap, 0))
+        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, mask])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.logits = torch.cat([self.logits, logits])
+        if self.row_R is not None or R is not None:
+            self.row_R = torch.cat([self._R_or_zeros(self.row_R, len(self.running)), self._R_or_zeros(R, len(new))])
+        self.running += new
+
+    def _retire(self, tok: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Drop finished rows from the batch; returns the kept row indices (None: all kept)."""
+        if not any(s.done for s in self.running):
+            return None
+        keep = [i for i, s in enumerate(self.running) if not s.done]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._clear()
+            return torch.tensor([], dtype=torch.long)
+        idx = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.next_pos = self.mask[idx], self.next_pos[idx]
+        self.logits = self.logits[idx]
+        if self.row_R is not None:
+            self.row_R = self.row_R[idx]
+        if self.compact:
+            self._trim()
+        return idx
+
+    def _trim(self) -> None:
+        """Drop leading KV columns that no running row attends to (left by rows that have left)."""
+        if not self.compact:
+            return
+        first = int(self.mask.any(dim=0).int().argmax())  # first column some row attends to
+        if first > 0:
+            for layer in _layers(self.cache):
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+    def _decode(self, tok: torch.Tensor) -> None:
+        """One forward of each running row's newest token [n]: the logits of the next."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)  # [n, L + 1]
+        with self._rows(self.row_R):
+            self.logits = self.model(input_ids=tok[:, None], attention_mask=self.mask,
+                                     position_ids=self.next_pos[:, None],
+                                     **with_cache(self.model, self.cache)).logits[:, -1]  # [n, V]
+        self.next_pos = self.next_pos + 1
+
+    def _pick(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per running row [n] and its log-prob under the sampling law [n] (None if all greedy)."""
+        logits, rows = self.logits, self.running
+        temps = [s.sampling.temperature for s in rows]
+        greedy = [t == 0 for t in temps]
+        if all(greedy):
+            return logits.argmax(-1), None
+        if len(set(temps)) == 1:  # one temperature (rollouts): divide by the number itself
+            probs = torch.softmax(logits.float() / temps[0], dim=-1)  # [n, V]
+        else:
+            t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=logits.device)[:, None]  # [n, 1]
+            probs = torch.softmax(logits.float() / t, dim=-1)  # [n, V]
+        nucleus = [i for i, s in enumerate(rows) if s.sampling.top_p < 1]
+        if nucleus:
+            idx = torch.tensor(nucleus, device=logits.device)
+            top_p = torch.tensor([rows[i].sampling.top_p for i in nucleus], device=logits.device)[:, None]
+            probs[idx] = top_p_filter(probs[idx], top_p)
+        tok = sample_categorical(probs, self._uniforms())  # [n]
+        logp = probs.gather(1, tok[:, None]).squeeze(1).log()  # [n]
+        if any(greedy):
+            tok = torch.where(torch.tensor(greedy, device=tok.device), logits.argmax(-1), tok)
+        return tok, logp
+
+    def _uniforms(self) -> torch.Tensor:
+        """One uniform in [0, 1) per running row [n, 1]."""
+        n = len(self.running)
+        if self.shared is not None and all(s.generator is None for s in self.running):
+            return torch.rand(n, 1, generator=self.shared, device=self.device)
+        u = torch.cat([torch.rand(1, generator=s.generator) for s in self.running])  # [n]
+        return u[:, None].to(self.device)
+
+    def _stack_R(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        if self.bank is None:
+            return None
+        return torch.stack([s.R if s.R is not None else self.bank.zeros() for s in seqs])  # [b, M, r, r]
+
+    def _R_or_zeros(self, R: torch.Tensor | None, n: int) -> torch.Tensor:
+        return R if R is not None else self.bank.zeros()[None].expand(n, -1, -1, -1)
+
+    def _rows(self, R: torch.Tensor | None):
+        return _RowAdapters(self.adapter if self.bank is not None else None, R)
+
+
+class _RowAdapters:
+    """Sets the adapter's per-row R for the forwards inside the block."""
+
+    def __init__(self, adapter, R):
+        self.adapter, self.R = adapter, R
+
+    def __enter__(self):
+        if self.adapter is not None:
+            self.adapter._row_R = self.R
+
+    def __exit__(self, *exc):
+        if self.adapter is not None:
+            self.adapter._row_R = None
+
+
+def _layers(cache):
+    layers = cache.layers
+    kinds = {type(layer).__name__ for layer in layers}
+    if kinds != {"DynamicLayer"}:
+        raise NotImplementedError(f"continuous batching needs full-attention KV caches, this model has {kinds}")
+    return layers
+
+
+def _pad_left(cache, n: int) -> None:
+    for layer in _layers(cache):
+        layer.keys = F.pad(layer.keys, (0, 0, n, 0))  # [b, heads, n + L, d]
+        layer.values = F.pad(layer.values, (0, 0, n, 0))
+
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero every token outside each row's nucleus: probs [n, V], top_p [n, 1] → [n, V] (not renormalised;
+    `sample_categorical` draws from the remaining mass)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # [n, V]; ties: lower id first
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # [n, V] mass of the tokens ranked above
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the top token always stays
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def sample_categorical(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """One draw per row from probs [n, V] (unnormalised is fine) by inverse CDF at the uniforms u [n, 1], in
+    two levels: a block of `block` entries, then an entry inside it. Same law as torch.multinomial, far
+    faster at a large vocab: multinomial draws an exponential variate for every entry (32 × 152k per decode
+    step, on one thread); here two short cumsums stand in for one 152k-long serial one.
+    Zero-probability entries (and the padding) are never drawn.
+    """
+    n, V = probs.shape
+    blocks = F.pad(probs.float(), (0, -V % block)).view(n, -1, block)  # [n, nb, block]
+    cdf = blocks.sum(-1).cumsum(-1)  # [n, nb]
+    u = u * cdf[:, -1:]  # [n, 1]
+    b = torch.searchsorted(cdf, _below(u, cdf), right=True)  # [n, 1] first block whose cdf exceeds u
+    u = u - torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)  # [n, 1] offset into the block
+    inner = blocks[torch.arange(n, device=probs.device), b.squeeze(1)].cumsum(-1)  # [n, block]
+    i = torch.searchsorted(inner, _below(u, inner), right=True)  # [n, 1]
+    return (b * block + i).squeeze(1)  # [n]
+
+
+def _below(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+    """u [n, 1] clamped into [0, total) of cdf [n, m], against rounding: searchsorted(right=True) then
+    lands on an entry with positive mass."""
+    return torch.minimum(u.clamp(min=0), torch.nextafter(cdf[:, -1:], torch.zeros_like(u)))
+
+
+def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:
+    """Finished rows as one left-padded prompt + right-padded completion batch."""
+    P = max(len(s.prompt) for s in seqs)
+    C = max(len(s.tokens) for s in seqs)
+    N = len(seqs)
+    prompt_ids = torch.full((N, P), pad, dtype=torch.long)  # [N, P]
+    prompt_mask = torch.zeros(N, P, dtype=torch.long)  # [N, P]
+    tokens = torch.full((N, C), pad, dtype=torch.long)  # [N, C]
+    logps = torch.zeros(N, C)  # [N, C]
+    for i, s in enumerate(seqs):
+        prompt_ids[i, P - len(s.prompt):] = torch.tensor(s.prompt)
+        prompt_mask[i, P - len(s.prompt):] = 1
+        tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
+        if s.logprobs:
+            logps[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
+    cmask = completion_mask(tokens, sorted(eos))  # [N, C]
+    texts = tokenizer.batch_decode(tokens.masked_fill(cmask == 0, pad), skip_special_tokens=True)
+    return Rollout(input_ids=torch.cat([prompt_ids, tokens], dim=1),
+                   attention_mask=torch.cat([prompt_mask, cmask], dim=1), completion_mask=cmask,
+                   prompt_len=P, completions=texts, logp_rollout=logps * cmask if with_logprobs else None)

@@ -1,0 +1,353 @@
+"""`tinylora serve`: an OpenAI-compatible HTTP server for one base model and any number of adapters.
+
+Every request names the base model or an adapter (`model`), or carries an adapter inline (`adapter`:
+its config and v). All of them decode together in one batch on the Engine: a row's adapter is just its
+own r×r matrices, so 1,000 distinct adapters cost what one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import AdapterConfig
+from ..engine import Engine, Sampling
+from .protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampled, UnloadAdapterRequest,
+                       error_response)
+from .limits import Limits
+from .worker import Job, QueueFull, Worker
+
+
+class Server:
+    """The state behind the routes: model name, tokenizer, adapter bank, engine thread, limits."""
+
+    def __init__(self, model, tokenizer, bank, *, name: str, api_key: str | None = None,
+                 allow_runtime_adapters: bool = False, limits: Limits | None = None, weights: str = "auto"):
+        self.name, self.tokenizer, self.bank = name, tokenizer, bank
+        self.api_key, self.allow_runtime_adapters = api_key, allow_runtime_adapters
+        self.limits = limits or Limits()
+        self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch)
+        self.worker = Worker(self.engine, self.limits.max_queue)
+        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.vocab = model.config.vocab_size
+        self.created = int(time.time())
+
+    # ---- requests -> jobs ----------------------------------------------------------------------
+    def adapter_R(self, req: Sampled):
+        """The R stack a request runs with (None: the base), or a 4xx."""
+        if req.adapter is not None:
+            if req.model != self.name:
+                raise APIError(400, f"an inline adapter runs over the base model: set model to {self.name!r}",
+                               param="model")
+            try:
+                config = AdapterConfig(**req.adapter.config)
+                v = req.adapter.v
+                if v and not isinstance(v[0], list):  # a flat list: one row per group
+                    k = config.numbers_per_group
+                    v = [v[i:i + k] for i in range(0, len(v), k)]
+                return self.bank.R_of(config, v, source="inline adapter")
+            except (TypeError, ValueError) as e:
+                raise APIError(400, str(e), param="adapter") from e
+        if req.model == self.name:
+            return None
+        R = self.bank.R.get(req.model)
+        if R is None:
+            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+        return R
+
+    def sampling(self, req: Sampled, max_tokens: int | None, prompt_len: int) -> Sampling:
+        lim = self.limits
+        if req.n > lim.max_n:
+            raise APIError(400, f"n={req.n} is over this server's limit of {lim.max_n}", param="n")
+        room = self.context - prompt_len
+        max_prompt = lim.max_prompt_tokens or self.context - 1
+        if prompt_len > max_prompt or room < 1:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this server accepts at most {max_prompt}",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(lim.max_tokens, room)
+        if max_tokens > lim.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {lim.max_tokens}",
+                           param="max_tokens")
+        if prompt_len + max_tokens > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{prompt_len} and max_tokens is {max_tokens}", param="max_tokens",
+                           code="context_length_exceeded")
+        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            p = [p]
+        if not p:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if isinstance(p[0], int):
+            p = [p]
+        prompts = []
+        for x in p:
+            ids = self.tokenizer(x).input_ids if isinstance(x, str) else list(x)
+            if not ids:
+                raise APIError(400, "prompt is empty", param="prompt")
+            if any(not 0 <= t < self.vocab for t in ids):
+                raise APIError(400, f"prompt token ids must lie in [0, {self.vocab})", param="prompt")
+            prompts.append(ids)
+        return prompts
+
+    def chat_prompt(self, req: ChatRequest) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that refuses this conversation (roles out of order, ...)
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def generate(self, req: Sampled, prompts: list[list[int]], max_tokens: int | None, kind: str):
+        R = self.adapter_R(req)
+        stops = req.stops()
+        req.refuse_unsupported()
+        samplings = [self.sampling(req, max_tokens, len(p)) for p in prompts]
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = [Job(p, s, R, req.n, events, loop, base=i * req.n) for i, (p, s) in enumerate(zip(prompts, samplings))]
+        try:
+            for job in jobs:
+                self.worker.submit(job)
+        except QueueFull as e:
+            for job in jobs:
+                self.worker.cancel(job)
+            raise APIError(429, f"server busy: {e}", type="rate_limit_error", code="queue_full") from e
+        run = Run(self, jobs, stops, kind, req.model, sum(len(p) for p in prompts))
+        if req.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream")
+        try:
+            return JSONResponse(await run.collect())
+        finally:
+            run.cancel_open()
+
+
+class Choice:
+    """One completion's tokens → text, with stop strings cut off and streaming held back where a stop string
+    or an unfinished UTF-8 character could still change the end."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.text, self.sent, self.finish = "", 0, None
+
+    def add(self, token: int) -> bool:
+        """Take one token; True when it completed a stop string (the text is cut before it)."""
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.finish = self.text[:min(hits)], "stop"
+            return True
+        return False
+
+    def take(self) -> str:
+        """Text not sent yet that can no longer change."""
+        end = len(self.text)
+        if self.finish is None:
+            end -= max((len(s) - 1 for s in self.stops), default=0)
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+        delta = self.text[self.sent:max(end, self.sent)]
+        self.sent += len(delta)
+        return delta
+
+
+class Run:
+    """The events of one request's jobs turned into an OpenAI response (whole, or streamed)."""
+
+    def __init__(self, server: Server, jobs: list[Job], stops: list[str], kind: str, model: str, prompt_tokens: int):
+        self.server, self.jobs, self.kind, self.model = server, jobs, kind, model
+        self.choices = [Choice(server.tokenizer, stops) for job in jobs for _ in range(job.n)]
+        self.open = len(self.choices)
+        self.prompt_tokens = prompt_tokens * (jobs[0].n if jobs else 1)
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _job_of(self, index: int) -> tuple[Job, int]:
+        n = self.jobs[0].n
+        return self.jobs[index // n], index % n
+
+    async def next_event(self) -> tuple[int, str | None]:
+        """Apply one engine event; returns (choice index, finish reason if that choice just finished)."""
+        kind, index, token, info = await self.jobs[0].events.get()
+        c = self.choices[index]
+        if kind == "error":
+            raise APIError(500, f"generation failed: {info}", type="server_error")
+        if token is not None and c.finish is None and c.add(token):
+            job, j = self._job_of(index)
+            self.server.worker.cancel_row(job, j, "stop")
+        if info is not None:  # the row has left the engine
+            self.open -= 1
+            c.finish = c.finish or info
+            return index, c.finish
+        return index, None
+
+    def cancel_open(self) -> None:
+        if self.open:
+            for job in self.jobs:
+                self.server.worker.cancel(job)
+
+    def usage(self) -> dict:
+        done = sum(len(c.tokens) for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}
+
+    def head(self) -> dict:
+        obj = {"chat": "chat.completion", "text": "text_completion"}[self.kind]
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    async def collect(self) -> dict:
+        while self.open:
+            await self.next_event()
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
+                        "logprobs": None} for i, c in enumerate(self.choices)]
+        else:
+            choices = [{"index": i, "text": c.text, "finish_reason": c.finish, "logprobs": None}
+                       for i, c in enumerate(self.choices)]
+        return {**self.head(), "choices": choices, "usage": self.usage()}
+
+    def chunk(self, index: int, text: str, finish: str | None, first: bool = False) -> str:
+        head = self.head()
+        if self.kind == "chat":
+            head["object"] = "chat.completion.chunk"
+            delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+    async def stream(self):
+        try:
+            if self.kind == "chat":
+                for i in range(len(self.choices)):
+                    yield self.chunk(i, "", None, first=True)
+            while self.open:
+                try:
+                    index, finish = await self.next_event()
+                except APIError as e:
+                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type}})}\n\n"
+                    return
+                text = self.choices[index].take()
+                if text or finish:
+                    yield self.chunk(index, text, finish)
+            yield "data: [DONE]\n\n"
+        finally:  # the client left mid-stream: free its rows
+            self.cancel_open()
+
+
+def create_app(server: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        yield
+        await run_in_threadpool(server.worker.stop)  # uvicorn has let in-flight requests finish
+
+    app = FastAPI(title="tinylora serve", lifespan=lifespan)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if server.api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                return error_response(401, "Invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                      type="authentication_error", code="invalid_api_key")
+        if request.method == "POST":
+            size = request.headers.get("content-length")
+            if size is None:
+                return error_response(411, "a Content-Length header is required")
+            if int(size) > server.limits.max_request_bytes:
+                return error_response(413, f"request body of {size} bytes is over the limit of "
+                                           f"{server.limits.max_request_bytes}")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        param = where or None
+        message = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), type="invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def crashed(request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "rows": server.worker.rows}
+
+    @app.get("/v1/models")
+    async def models():
+        card = lambda name, parent: {"id": name, "object": "model", "created": server.created,  # noqa: E731
+                                     "owned_by": "tinylora", "root": server.name, "parent": parent}
+        return {"object": "list", "data": [card(server.name, None)] + [card(n, server.name) for n in server.bank.names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await server.generate(req, server.completion_prompts(req), req.max_tokens, "text")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        return await server.generate(req, [server.chat_prompt(req)], req.max_completion_tokens or req.max_tokens,
+                                     "chat")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(req: LoadAdapterRequest):
+        _runtime_allowed(server)
+        if req.lora_name == server.name or req.lora_name in server.bank.R:
+            raise APIError(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
+        if (req.lora_path is None) == (req.adapter is None):
+            raise APIError(400, "give exactly one of lora_path (a file on the server) and adapter (inline)")
+        try:
+            if req.lora_path is not None:
+                await run_in_threadpool(server.bank.load, req.lora_path, req.lora_name)
+            else:
+                config = AdapterConfig(**req.adapter.config)
+                server.bank.add(req.lora_name, config, req.adapter.v, source="inline adapter")
+        except (TypeError, ValueError, FileNotFoundError) as e:
+            raise APIError(400, str(e), param="lora_path" if req.lora_path else "adapter") from e
+        return {"object": "model", "id": req.lora_name, "status": "loaded"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(req: UnloadAdapterRequest):
+        _runtime_allowed(server)
+        if req.lora_name not in server.bank.R:
+            raise APIError(404, f"no adapter named {req.lora_name!r} is loaded", param="lora_name",
+                           code="model_not_found")
+        server.bank.remove(req.lora_name)  # requests already running keep their copy of its R
+        return {"object": "model", "id": req.lora_name, "status": "unloaded"}
+
+    return app
+
+
+def _runtime_allowed(server: Server) -> None:
+    if not server.allow_runtime_adapters:
+        raise APIError(403, "loading and unloading adapters at runtime is off: start the server with "
+                            "--allow-runtime-adapters", type="permission_error")

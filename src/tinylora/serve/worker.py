@@ -1,0 +1,138 @@
+"""The engine's thread: requests come in from the event loop, tokens go back to it.
+
+The Engine is not thread-safe, so exactly one thread touches it: this one. The event loop hands it
+work as closures through a queue and gets events back through `loop.call_soon_threadsafe`; between two
+decode steps the thread admits whatever arrived, so a request joins the running batch within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import Engine, Sampling, Sequence
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows (n choices of one prompt) and the asyncio queue its events go to."""
+    prompt: list[int]
+    sampling: Sampling
+    R: torch.Tensor | None
+    n: int
+    events: asyncio.Queue  # shared by all jobs of one request
+    loop: asyncio.AbstractEventLoop
+    base: int = 0  # the request's choice index of this job's first row
+    seqs: list[Sequence] = field(default_factory=list)
+    open_rows: int = 0
+
+    def emit(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Worker:
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.rows = 0  # rows submitted and not yet finished (admission control, under `lock`)
+        self.lock = threading.Lock()
+        self.owner: dict[int, tuple[Job, int]] = {}  # id(Sequence) -> (job, choice index); engine thread only
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="tinylora-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every submitted row, then end the thread."""
+        self.stopping = True
+        self.inbox.put(lambda: None)  # wake it
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when it would take more rows than `max_queue` allows."""
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if self.rows + job.n > self.max_queue:
+                raise QueueFull(f"{self.rows} rows are queued or running (limit {self.max_queue}); retry later")
+            self.rows += job.n
+        self.inbox.put(lambda: self._add(job))
+
+    def cancel(self, job: Job, reason: str = "abort") -> None:
+        self.inbox.put(lambda: [self.engine.cancel(s, reason) for s in job.seqs])
+
+    def cancel_row(self, job: Job, index: int, reason: str = "stop") -> None:
+        self.inbox.put(lambda: self.engine.cancel(job.seqs[index], reason) if job.seqs else None)
+
+    # ---- the engine thread --------------------------------------------------------------------------
+    def _add(self, job: Job) -> None:
+        job.seqs = self.engine.add(job.prompt, job.sampling, R=job.R, n=job.n)
+        job.open_rows = job.n
+        for j, s in enumerate(job.seqs):
+            self.owner[id(s)] = (job, j)
+
+    def _run(self) -> None:
+        with torch.inference_mode(), self.engine.generating():
+            while True:
+                self._drain(block=self.engine.idle and not self.stopping)
+                if self.engine.idle:
+                    if self.stopping and self.inbox.empty():
+                        return
+                    continue
+                try:
+                    stepped = self.engine.step()
+                except Exception as e:  # e.g. out of memory: fail the rows in flight, keep serving
+                    self._fail_all(e)
+                    continue
+                for s in stepped:
+                    self._emit(s, s.tokens[-1])
+                self._close_cancelled()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            fn = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn()
+            try:
+                fn = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _emit(self, s: Sequence, token: int | None) -> None:
+        job, j = self.owner[id(s)]
+        job.emit(("token", job.base + j, token, s.finish_reason))
+        if s.done:
+            self._close(s)
+
+    def _close(self, s: Sequence) -> None:
+        job, _ = self.owner.pop(id(s))
+        job.open_rows -= 1
+        with self.lock:
+            self.rows -= 1
+
+    def _close_cancelled(self) -> None:
+        """Rows cancelled (running or still waiting) leave the engine without a token: close them here."""
+        live = {id(s) for s in self.engine.running} | {id(s) for g in self.engine.waiting for s in g}
+        for key in [k for k in self.owner if k not in live]:
+            job, j = self.owner[key]
+            job.emit(("token", job.base + j, None, job.seqs[j].finish_reason or "abort"))
+            self._close(job.seqs[j])
+
+    def _fail_all(self, error: Exception) -> None:
+        for key in list(self.owner):
+            job, j = self.owner[key]
+            job.emit(("error", job.base + j, None, f"{type(error).__name__}: {error}"))
+            self._close(job.seqs[j])
+        self.engine.waiting.clear()
+        self.engine._clear()

@@ -1,0 +1,186 @@
+"""The generation engine: continuous batching, per-row adapters, per-row seeds, cancellation."""
+
+import pytest
+import torch
+
+from tinylora import AdapterConfig, attach, load_adapter, save_adapter
+from tinylora.bank import AdapterBank
+from tinylora.engine import Engine, Sampling, top_p_filter
+from tinylora.rollout import sample
+from tinylora.testing import tiny_model_and_tokenizer
+
+PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44 t45 t46", "t50", "t60 t61"]
+CONFIGS = [AdapterConfig(u=2, n_tie=4), AdapterConfig(u=1, n_tie=3), AdapterConfig(u=3, n_tie=1, seed=7),
+           AdapterConfig(method="lora-xs", n_tie=2)]
+
+
+def adapter_files(tmp_path, arch="llama"):
+    """Four adapters with different u / n_tie / seed / method (one bank can hold them all): large v, so
+    every adapter changes the greedy output."""
+    paths = []
+    for k, config in enumerate(CONFIGS):
+        model, _ = tiny_model_and_tokenizer(arch)
+        ad = attach(model, config, progress=False)
+        with torch.no_grad():
+            ad.v.copy_(torch.randn(ad.v.shape, generator=torch.Generator().manual_seed(k)) * 2.0)
+        paths.append(save_adapter(ad, tmp_path / f"user{k}.safetensors"))
+    return paths
+
+
+def alone(path, prompt, **kw):
+    """What one adapter gives on one prompt, loaded the plain way (its own v, the fused no-grad path)."""
+    model, tok = tiny_model_and_tokenizer("llama")
+    if path is not None:
+        load_adapter(model, path)
+    return sample(model, tok, [prompt], **kw).completion_ids[0].tolist()
+
+
+def run_until_idle(engine, schedule):
+    """schedule: {step: [(prompt, Sampling, R or None), ...]} added before that step; returns rows by add order."""
+    rows, t = [], 0
+    with engine.generating():
+        while t in schedule or not engine.idle or any(k > t for k in schedule):
+            for prompt, sampling, R in schedule.get(t, []):
+                rows += engine.add(engine.tokenizer(prompt, add_special_tokens=False).input_ids, sampling, R=R)
+            engine.step()
+            t += 1
+    return rows
+
+
+def trimmed(tokens, eos):
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_rows_joining_and_leaving_with_distinct_adapters_match_each_alone(tmp_path):
+    paths = adapter_files(tmp_path)
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    engine = Engine(model, tok, bank=bank, max_batch=4)  # fewer slots than requests: some wait their turn
+    names = bank.names + [None]
+    # rows join at steps 0, 0, 2, 3, 3, 5 with different lengths, so rows leave while others join
+    plan = [(0, 0, 9), (0, 1, 4), (2, 2, 12), (3, 3, 3), (3, 4, 7), (5, 0, 6)]
+    schedule = {}
+    for t, k, n in plan:
+        R = bank.R[names[k % 5]] if names[k % 5] else None
+        schedule.setdefault(t, []).append((PROMPTS[k % 5], Sampling(max_new_tokens=n, temperature=0), R))
+    rows = run_until_idle(engine, schedule)
+    for (t, k, n), row in zip(plan, rows):
+        path = paths[k % 5] if names[k % 5] else None
+        ref = alone(path, PROMPTS[k % 5], max_new_tokens=n, greedy=True)
+        assert row.tokens == trimmed(ref, tok.eos_token_id), (t, k)
+        assert row.finish_reason in ("stop", "length")
+    assert engine.cache is None and engine.row_R is None  # all rows left
+
+
+def test_adapters_change_the_output_and_the_base_row_is_the_base(tmp_path):
+    paths = adapter_files(tmp_path)
+    outs = {alone(p, PROMPTS[2], max_new_tokens=10, greedy=True).__repr__() for p in paths + [None]}
+    assert len(outs) == 5  # the test above compares genuinely different rows
+
+
+def test_a_seeded_row_samples_the_same_alone_and_in_a_crowd(tmp_path):
+    paths = adapter_files(tmp_path)
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    engine = Engine(model, tok, bank=bank)
+    mine = Sampling(max_new_tokens=12, temperature=1.0, seed=42)
+    solo = run_until_idle(engine, {0: [(PROMPTS[0], mine, bank.R["user1"])]})[0].tokens
+    crowd = {0: [(PROMPTS[1], Sampling(max_new_tokens=5, temperature=1.0, seed=1), None)],
+             1: [(PROMPTS[0], mine, bank.R["user1"]), (PROMPTS[2], Sampling(max_new_tokens=9, seed=2), None)]}
+    assert run_until_idle(engine, crowd)[1].tokens == solo
+    other = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=12, seed=43), bank.R["user1"])]})
+    assert other[0].tokens != solo
+
+
+def test_cancelled_rows_leave_and_the_rest_continue():
+    model, tok = tiny_model_and_tokenizer("llama")
+    engine = Engine(model, tok)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS[:3]]
+    rows = [engine.add(x, Sampling(max_new_tokens=10, temperature=0))[0] for x in ids]
+    waiting = engine.add(ids[0], Sampling(max_new_tokens=10, temperature=0))[0]
+    engine.cancel(waiting)  # cancelled before it started: never runs
+    with engine.generating():
+        engine.step()
+        engine.cancel(rows[1], "stop")
+        while not engine.idle:
+            engine.step()
+    assert rows[1].finish_reason == "stop" and len(rows[1].tokens) == 1 and waiting.tokens == []
+    for x, row in zip(PROMPTS[:3:2], rows[::2]):
+        assert row.tokens == trimmed(alone(None, x, max_new_tokens=10, greedy=True), tok.eos_token_id)
+
+
+def test_generate_uses_the_bank_per_prompt(tmp_path):
+    paths = adapter_files(tmp_path)
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    ro = Engine(model, tok, bank=bank).generate(PROMPTS[:3], max_new_tokens=8, greedy=True,
+                                                adapters=["user3", None, "user0"])
+    for i, path in enumerate([paths[3], None, paths[0]]):
+        ref = alone(path, PROMPTS[i], max_new_tokens=8, greedy=True)
+        assert ro.completion_ids[i].tolist()[:len(ref)] == ref
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    out = top_p_filter(probs, torch.tensor([[0.7], [0.1]]))
+    assert torch.equal(out, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.25, 0.0, 0.0, 0.0]]))
+    model, tok = tiny_model_and_tokenizer("llama")
+    engine = Engine(model, tok)
+    row = engine.add(tok(PROMPTS[0], add_special_tokens=False).input_ids,
+                     Sampling(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=0))[0]
+    with engine.generating():
+        while not engine.idle:
+            engine.step()
+    assert row.tokens == trimmed(alone(None, PROMPTS[0], max_new_tokens=8, greedy=True), tok.eos_token_id)
+
+
+def test_bank_rejects_what_does_not_share_the_factors(tmp_path):
+    paths = adapter_files(tmp_path)
+    model, _ = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    with pytest.raises(ValueError, match="r=4 differs"):
+        bank.R_of(AdapterConfig(r=4), [[0.0]])
+    with pytest.raises(ValueError, match="shape"):
+        bank.R_of(AdapterConfig(u=1, n_tie=4), [[0.1, 0.2]])
+    with pytest.raises(ValueError, match="NaN"):
+        bank.R_of(AdapterConfig(u=1, n_tie="all"), [[float("nan")]])
+    with pytest.raises(ValueError, match="lora"):
+        bank.R_of(AdapterConfig(method="lora"), [[0.0]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
+    """On CUDA: rows joining and leaving with distinct adapters; fp32 matches each adapter alone token for
+    token, bf16 (hooks, no merge) must agree on most tokens and run without error."""
+    paths = adapter_files(tmp_path)
+    model, tok = tiny_model_and_tokenizer("llama")
+    model = model.to("cuda", dtype)
+    bank = AdapterBank(model, paths)
+    engine = Engine(model, tok, bank=bank, max_batch=3)
+    assert str(engine.weights).startswith("the model's own weights")
+    plan = [(0, 0, 9), (0, 1, 4), (2, 2, 12), (3, 3, 3), (3, 4, 7)]
+    schedule = {}
+    for t, k, n in plan:
+        R = bank.R[bank.names[k]] if k < 4 else None
+        schedule.setdefault(t, []).append((PROMPTS[k], Sampling(max_new_tokens=n, temperature=0), R))
+    rows = run_until_idle(engine, schedule)
+    same = total = 0
+    for (t, k, n), row in zip(plan, rows):
+        ref_model, _ = tiny_model_and_tokenizer("llama")
+        ref_model = ref_model.to("cuda", dtype)
+        if k < 4:
+            load_adapter(ref_model, paths[k])
+        ref = trimmed(sample(ref_model, tok, [PROMPTS[k]], max_new_tokens=n, greedy=True).completion_ids[0].tolist(),
+                      tok.eos_token_id)
+        same += sum(a == b for a, b in zip(row.tokens, ref))
+        total += len(ref)
+        if dtype == torch.float32:
+            assert row.tokens == ref, (t, k)
+    assert same >= 0.8 * total
+    seeded = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
+    a = run_until_idle(engine, {0: [(PROMPTS[0], seeded, bank.R[bank.names[1]])]})[0].tokens
+    b = run_until_idle(engine, {0: [(PROMPTS[2], Sampling(max_new_tokens=6, seed=9), None),
+                                    (PROMPTS[0], seeded, bank.R[bank.names[1]])]})[1].tokens
+    if dtype == torch.float32:
+        assert a == b
