@@ -165,3 +165,47 @@ def bench_serve(args) -> None:
     print(f"\n{args.adapters:,} adapter files validated and loaded in {load_s:.1f} s")
     print(f"throughput ratios: distinct adapters / one adapter {many / one:.2f}; inline / loaded {inline / many:.2f}; "
           f"tinylora (distinct adapters) / PEFT set_adapter {many / peft_r:.1f}x")
+
+
+def bench_engine(args) -> None:
+    """The engine alone (no HTTP): 64 rows decoding together with no adapter, one adapter, or a different
+    adapter per row (of 1,000 in the bank), on a random-weight model of the default shape."""
+    from common import random_model, median_time
+
+    from tinylora.engine import Engine, Sampling
+    from tinylora.testing import tiny_tokenizer
+    device = args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rows, new = args.gen_batch, args.new_tokens
+    model = random_model(layers=args.layers).to(device, dtype)
+    tok = tiny_tokenizer()  # only for its pad/eos ids: the prompts are random token ids
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1000, 100_000, (rows, 32), generator=gen).tolist()
+    plain = Engine(model, tok, weights="hooks" if device != "cpu" else "auto", max_batch=rows)
+
+    def run(engine, R_of_row):
+        with engine.generating():
+            for i, p in enumerate(prompts):
+                engine.add(p, Sampling(max_new_tokens=new, temperature=0), R=R_of_row(i))
+            while not engine.idle:
+                engine.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    results = {"no bank: the plain model": median_time(lambda: run(plain, lambda i: None), args.reps)}
+    bank = AdapterBank(model, config=AdapterConfig(u=1, n_tie=16), progress=False)
+    n_groups = len(bank.adapter.groups)
+    for k in range(args.adapters):
+        bank.add(f"a{k}", bank.config, torch.randn(n_groups, 1, generator=gen) * 0.05)
+    banked = Engine(model, tok, bank=bank, weights="hooks" if device != "cpu" else "auto", max_batch=rows)
+    R = [bank.R[f"a{(i * 7919) % args.adapters}"] for i in range(rows)]
+    results["bank: every row the base (R = 0)"] = median_time(lambda: run(banked, lambda i: None), args.reps)
+    results["bank: one adapter for every row"] = median_time(lambda: run(banked, lambda i: R[0]), args.reps)
+    results[f"bank: a different adapter per row (of {args.adapters:,})"] = \
+        median_time(lambda: run(banked, lambda i: R[i]), args.reps)
+    print(f"\nrandom weights of the default model's shape ({args.layers} layers), {dtype} on {device}; {rows} rows x "
+          f"{new} new tokens, greedy, median of {args.reps}\n")
+    table(["rows run", "seconds", "tokens/s"], [[k, f"{t:.3f}", f"{rows * new / t:.0f}"] for k, t in results.items()])
+    t = list(results.values())
+    print(f"\ndistinct / one adapter: {t[2] / t[3]:.2f}x the throughput; per-row adapters / plain model: "
+          f"{t[0] / t[3]:.2f}x")
