@@ -73,6 +73,8 @@ class Adapter(nn.Module):
         self._row_R: torch.Tensor | None = None  # [batch, n_modules, r, r] s·R per row, while rows differ (bank, engine)
         self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
+        self._casts: dict = {}  # frozen factors cast to the activations' dtype (see _factor)
+        self._rs = None  # (row_R, dtype, (sR)ᵀΣ per module and row): see _row_RS
         self._hooks = []
         self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
         device = self.modules_by_index[0].weight.device if self.targets else torch.device("cpu")
@@ -132,25 +134,51 @@ class Adapter(nn.Module):
         if self.config.method == "lora":
             A, B = self.lora_A[i], self.lora_B[i]
             return self.config.scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
-        return self._down(i, x) @ self.factors[i].U.to(x.dtype).T  # [..., out]
+        return self._down(i, x) @ self._factor(i, "U", x.dtype).T  # [..., out]
+
+    def _factor(self, i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A frozen factor (U, S, V) of module i in the activations' dtype, cast once: on a GPU every cast is
+        a kernel launch, per module and decode step."""
+        t = getattr(self.factors[i], name)
+        if t.dtype == dtype:
+            return t
+        key = (i, name, dtype, t.device)
+        if key not in self._casts:
+            self._casts[key] = t.to(dtype)
+        return self._casts[key]
 
     def _down(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Σ (sR) Vᵀ x of module i: x [..., in] → [..., r], the input side of ΔW x = U · this."""
-        f = self.factors[i]
-        if self._row_R is None and not torch.is_grad_enabled():  # generation: V·(sR)ᵀ·Σ fused once per v
-            return F.linear(x, self._fused_in(i).to(x.dtype))  # [..., r]
-        h = x @ f.V.to(x.dtype)  # [..., r]
+        if not torch.is_grad_enabled():
+            if self._row_R is None:  # generation: V·(sR)ᵀ·Σ fused once per v
+                return F.linear(x, self._fused_in(i, x.dtype))  # [..., r]
+            if x.dim() == 3:  # per-row adapters: x is [batch, seq, in]
+                RS = self._row_RS(x.dtype)[i]  # [batch, r, r]
+                if RS.shape[0] != x.shape[0]:  # HF generate() may expand rows (num_return_sequences)
+                    RS = RS.repeat_interleave(x.shape[0] // RS.shape[0], dim=0)
+                return torch.bmm(x @ self._factor(i, "V", x.dtype), RS)  # [batch, seq, r]
+        h = x @ self._factor(i, "V", x.dtype)  # [..., r]
         R = self.R(i).to(x.dtype)
         if R.dim() == 2:
             h = h @ R.T  # [..., r]
         else:  # per-row adapters: x is [batch, seq, in]
-            if R.shape[0] != h.shape[0]:  # HF generate() may expand rows (num_return_sequences)
+            if R.shape[0] != h.shape[0]:
                 R = R.repeat_interleave(h.shape[0] // R.shape[0], dim=0)
             h = torch.einsum("bsk,bjk->bsj", h, R)  # [batch, seq, r]
-        return h * f.S.to(x.dtype)  # [..., r]
+        return h * self._factor(i, "S", x.dtype)  # [..., r]
 
-    def _fused_in(self, i: int) -> torch.Tensor:
-        """(V (sR)ᵀ Σ)ᵀ of module i [r, in], cached while v keeps the values it was built from.
+    def _row_RS(self, dtype: torch.dtype) -> torch.Tensor:
+        """(sR)ᵀ·Σ of every module for every row, [n_modules, batch, r, r]: built once per set of rows, so a
+        module's per-row work is one bmm."""
+        R = self._row_R  # [batch, n_modules, r, r]
+        if self._rs is None or self._rs[0] is not R or self._rs[1] != dtype:
+            S = torch.stack([f.S for f in self.factors]).to(R.device)  # [n_modules, r]
+            RS = R.float().transpose(-1, -2) * S[None, :, None, :]  # [batch, M, k, j] = R[b, m, j, k] · S[m, j]
+            self._rs = (R, dtype, RS.transpose(0, 1).to(dtype).contiguous())
+        return self._rs[2]
+
+    def _fused_in(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(V (sR)ᵀ Σ)ᵀ of module i [r, in] in `dtype`, cached while v keeps the values it was built from.
 
         Stored as r contiguous rows: x·Wᵀ with W [r, in] (F.linear) is faster than x·M with M [in, r]
         at decode shapes."""
@@ -159,7 +187,11 @@ class Adapter(nn.Module):
         if i not in self._fused:
             f = self.factors[i]
             self._fused[i] = ((f.V @ self.R(i).T) * f.S).T.contiguous()  # [r, in]
-        return self._fused[i]
+        if dtype == self._fused[i].dtype:
+            return self._fused[i]
+        if (i, dtype) not in self._fused:
+            self._fused[(i, dtype)] = self._fused[i].to(dtype)
+        return self._fused[(i, dtype)]
 
     def _add_delta(self, i: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """output + ΔW x, written into the module's fresh output.
@@ -168,7 +200,7 @@ class Adapter(nn.Module):
         glibc hands those out as fresh pages, and the page faults made training measurably slower than the
         frozen model. One in-place (b)addmm allocates nothing; autograd still checks it is safe."""
         h = self._down(i, x).to(output.dtype)  # [..., r]
-        Ut = self.factors[i].U.to(output.dtype).T  # [r, out]
+        Ut = self._factor(i, "U", output.dtype).T  # [r, out]
         if not output.is_contiguous() or output.dim() != h.dim() or output.dim() not in (2, 3):
             return output + h @ Ut
         if output.dim() == 2:
