@@ -24,6 +24,7 @@ class Completion(BaseModel):
     prompt: str
     max_tokens: int = 16
     temperature: float = 0.0
+    ignore_eos: bool = False
 
 
 def main() -> None:
@@ -54,7 +55,8 @@ def main() -> None:
         peft.set_adapter(req.model)
         ids = tok(req.prompt, return_tensors="pt")
         with torch.no_grad():
-            out = peft.generate(**ids, max_new_tokens=req.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = peft.generate(**ids, max_new_tokens=req.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                min_new_tokens=req.max_tokens if req.ignore_eos else 0)
         new = out[0, ids.input_ids.shape[1]:]
         return {"id": "cmpl-peft", "object": "text_completion", "created": int(time.time()), "model": req.model,
                 "choices": [{"index": 0, "text": tok.decode(new, skip_special_tokens=True), "finish_reason": None}],

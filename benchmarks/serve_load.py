@@ -2,7 +2,8 @@
 
 Both servers run as their own processes (the real CLI for ours); one asyncio client process drives them
 with `--clients` closed-loop clients, each sending its requests one after another. Greedy completions of
-`--new-tokens` tokens for arithmetic chat prompts of the default task. Reported: completion tokens/s over
+exactly `--new-tokens` tokens (`ignore_eos`: equal work whatever the adapter) for arithmetic chat prompts
+of the default task. Reported: completion tokens/s over
 the whole run and p50/p99 request latency, for
   - the base model, one adapter for every request, a different adapter for every request (of 1,000
     loaded), the same adapters sent inline in each request;
@@ -122,7 +123,8 @@ def bench_serve(args) -> None:
             mine = []
             for j in range(per_client):
                 i = c * per_client + j
-                body = {"model": model_of(i, c), "prompt": prompts[i], "max_tokens": new, "temperature": 0}
+                body = {"model": model_of(i, c), "prompt": prompts[i], "max_tokens": new, "temperature": 0,
+                        "ignore_eos": True}
                 if inline:
                     config, _, tensors = read_adapter_file(ours / f"{body['model']}.safetensors")
                     body = {**body, "model": "base", "adapter": {"config": json.loads(config.to_json()), "v": tensors["v"].tolist()}}
@@ -149,14 +151,14 @@ def bench_serve(args) -> None:
     proc = start([sys.executable, str(Path(__file__).with_name("peft_server.py")), "--model", args.model,
                   "--adapters", str(peft), "--port", str(port)], port)
     try:  # one request per client: it serves one request at a time
-        bodies = [[{"model": f"a{c:04d}", "prompt": prompts[c * per_client], "max_tokens": new, "temperature": 0}]
-                  for c in range(clients)]
+        bodies = [[{"model": f"a{c:04d}", "prompt": prompts[c * per_client], "max_tokens": new, "temperature": 0,
+                    "ignore_eos": True}] for c in range(clients)]
         results[f"PEFT set_adapter per request ({clients} adapters)"] = asyncio.run(drive(port, bodies))
     finally:
         stop(proc)
 
-    print(f"\n{args.model}, fp32 on {os.cpu_count()} CPU cores; {clients} concurrent clients, greedy, max {new} new "
-          f"tokens; adapters of {n_numbers} numbers (u=1, n_tie=16)\n")
+    print(f"\n{args.model}, fp32 on {os.cpu_count()} CPU cores; {clients} concurrent clients, greedy, {new} new "
+          f"tokens per request; adapters of {n_numbers} numbers (u=1, n_tie=16)\n")
     table(["server and workload", "requests", "tokens", "tok/s", "p50 s", "p99 s"],
           [[k, r["requests"], r["tokens"], f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}"]
            for k, r in results.items()])

@@ -184,3 +184,17 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
                                     (PROMPTS[0], seeded, bank.R[bank.names[1]])]})[1].tokens
     if dtype == torch.float32:
         assert a == b
+
+
+def test_ignore_eos_runs_to_max_new_tokens():
+    model, tok = tiny_model_and_tokenizer("llama")
+    engine = Engine(model, tok)
+    ids = tok(PROMPTS[0], add_special_tokens=False).input_ids
+    first = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=6, temperature=0), None)]})[0].tokens[0]
+    engine.eos = {first}  # the greedy first token now ends the row...
+    short, full = (engine.add(ids, Sampling(max_new_tokens=6, temperature=0, ignore_eos=flag))[0] for flag in (0, 1))
+    with engine.generating():
+        while not engine.idle:
+            engine.step()
+    assert short.tokens == [first] and short.finish_reason == "stop"
+    assert len(full.tokens) == 6 and full.finish_reason == "length"  # ...unless EOS is ignored

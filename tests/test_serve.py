@@ -150,6 +150,9 @@ def test_seeded_sampling_n_and_stop(served):
     assert len(words) >= 3
     cut = c.completions.create(model="user0", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[words[2]])
     assert cut.choices[0].text == full[:full.index(words[2])] and cut.choices[0].finish_reason == "stop"
+    eos_id = served.server.tokenizer.eos_token_id  # ignore_eos: exactly max_tokens tokens, EOS or not
+    long = c.completions.create(model=BASE, prompt=[eos_id], max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 30 and long.choices[0].finish_reason == "length"
 
 
 def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):

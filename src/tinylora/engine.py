@@ -38,6 +38,7 @@ class Sampling:
     top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much probability
     seed: int | None = None  # this row's own generator (None: the engine's shared stream, or a random seed)
     stop_token_ids: tuple[int, ...] = ()  # ends a row besides the model's end-of-sequence tokens
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks: equal work per request)
 
 
 @dataclass(eq=False)
@@ -143,7 +144,7 @@ class Engine:
             s.tokens.append(toks[i])
             if lps is not None:
                 s.logprobs.append(lps[i])
-            if toks[i] in self.eos or toks[i] in s.sampling.stop_token_ids:
+            if (toks[i] in self.eos and not s.sampling.ignore_eos) or toks[i] in s.sampling.stop_token_ids:
                 s.finish_reason = "stop"
             elif len(s.tokens) >= s.sampling.max_new_tokens:
                 s.finish_reason = "length"

@@ -84,7 +84,8 @@ class Server:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
                                 f"{prompt_len} and max_tokens is {max_tokens}", param="max_tokens",
                            code="context_length_exceeded")
-        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                        ignore_eos=req.ignore_eos)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt

@@ -44,6 +44,7 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2 ** 63)
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
     adapter: InlineAdapter | None = None
 
     def stops(self) -> list[str]:
