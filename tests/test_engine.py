@@ -198,3 +198,15 @@ def test_ignore_eos_runs_to_max_new_tokens():
             engine.step()
     assert short.tokens == [first] and short.finish_reason == "stop"
     assert len(full.tokens) == 6 and full.finish_reason == "length"  # ...unless EOS is ignored
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tmp_path):
+    paths = adapter_files(tmp_path)
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    engine = Engine(model, tok, bank=bank)
+    broken = torch.full_like(bank.R["user0"], float("nan"))
+    rows = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=8, temperature=1.0, seed=1), broken),
+                                       (PROMPTS[1], Sampling(max_new_tokens=8, temperature=0), bank.R["user2"])]})
+    assert rows[0].finish_reason == "error" and rows[0].tokens == []
+    assert rows[1].tokens == trimmed(alone(paths[2], PROMPTS[1], max_new_tokens=8, greedy=True), tok.eos_token_id)

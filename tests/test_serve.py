@@ -150,6 +150,13 @@ def test_seeded_sampling_n_and_stop(served):
     assert len(words) >= 3
     cut = c.completions.create(model="user0", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[words[2]])
     assert cut.choices[0].text == full[:full.index(words[2])] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="user0", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[words[2]], stream=True))
+    assert streamed == cut.choices[0].text  # the held-back tail never leaks the stop string
+    chunks = list(c.completions.create(model="user0", prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert 1 <= chunks[-1].usage.completion_tokens <= 5
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
     eos_id = served.server.tokenizer.eos_token_id  # ignore_eos: exactly max_tokens tokens, EOS or not
     long = c.completions.create(model=BASE, prompt=[eos_id], max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
     assert long.usage.completion_tokens == 30 and long.choices[0].finish_reason == "length"
@@ -173,6 +180,10 @@ def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):
         (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"bogus": 1}, "v": [[1.0]]}}),
          openai.BadRequestError, "bogus"),
         (dict(model="user1", prompt="t20", extra_body={"adapter": {"v": [[1.0]]}}), openai.BadRequestError, "base"),
+        (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"u": 10 ** 9, "n_tie": "all"}, "v": [[1.0]]}}),
+         openai.BadRequestError, "shape"),  # refused before P (u × r × r per module) is built
+        (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"n_tie": "all"}, "v": [[1e30]]}}),
+         openai.BadRequestError, "refused"),
     ]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a neighbour generating throughout
         neighbour = pool.submit(lambda: c.completions.create(model="user4", prompt=PROMPTS[4], max_tokens=40,
@@ -189,6 +200,17 @@ def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):
     big = httpx.post(served.url + "/completions", json={"model": BASE, "prompt": "t20 " * 300_000},
                      headers={"Authorization": f"Bearer {KEY}"})
     assert big.status_code == 413 and big.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_rows(served):
+    with httpx.stream("POST", served.url + "/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "user3", "prompt": PROMPTS[2], "max_tokens": 100, "stream": True,
+                            "ignore_eos": True}) as r:
+        next(r.iter_lines())  # the first chunk arrives, then the client hangs up
+    deadline = time.time() + 30
+    while served.server.worker.rows and time.time() < deadline:
+        time.sleep(0.05)
+    assert served.server.worker.rows == 0
 
 
 def test_runtime_load_and_unload(served, tmp_path):

@@ -28,6 +28,7 @@ from .plan import tie_groups
 
 SERVABLE = ("tinylora", "lora-xs")
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these
+MAX_ABS_V = 1e4  # trained v stay far below; larger ones only overflow
 
 
 class AdapterBank:
@@ -96,12 +97,16 @@ class AdapterBank:
             v = torch.as_tensor(v, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{source}: v is not an array of numbers: {e}") from e
-        P, group_of, n_groups = _projections(config.to_json(), tuple(self.adapter.targets))
+        n_groups = len(tie_groups(self.adapter.targets, config))  # checked before P is built: u sets its size
         if tuple(v.shape) != (n_groups, config.numbers_per_group):
             raise ValueError(f"{source}: v has shape {list(v.shape)}, expected [{n_groups}, "
                              f"{config.numbers_per_group}] for this config on this model")
         if not torch.isfinite(v).all():
             raise ValueError(f"{source}: v holds NaN or inf values")
+        if v.abs().max() > MAX_ABS_V:
+            raise ValueError(f"{source}: |v| reaches {v.abs().max():.3g}; values beyond {MAX_ABS_V:g} are refused "
+                             "(they would overflow the activations)")
+        P, group_of, _ = _projections(config.to_json(), tuple(self.adapter.targets))
         v = v.to(torch.bfloat16 if config.v_dtype == "bf16" else torch.float16 if config.v_dtype == "fp16"
                  else torch.float32).float()  # the values the adapter itself would hold
         R = config.scale * torch.einsum("mk,mkij->mij", v[group_of], P)  # [n_modules, r, r]
@@ -140,7 +145,7 @@ class AdapterBank:
             self.adapter._row_R = None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _projections(config_json: str, targets: tuple):
     """P of every module [n_modules, k, r, r], each module's tie group [n_modules], and the group count:
     the same for every adapter of one config, so computed once."""

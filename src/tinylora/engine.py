@@ -48,7 +48,7 @@ class Sequence:
     R: torch.Tensor | None = None  # [n_modules, r, r] this row's adapter (bank engines; None: the base)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each sampled token under the sampling law
-    finish_reason: str | None = None  # "stop" (end of sequence or stop token), "length", or the caller's
+    finish_reason: str | None = None  # "stop" (end of sequence or stop token), "length", "error", or the caller's
     generator: torch.Generator | None = None
 
     @property
@@ -120,7 +120,7 @@ class Engine:
         for j in range(n):
             s = Sequence(list(prompt_ids), sampling, R)
             if sampling.seed is not None:  # n rows of one seeded request: seed, seed + 1, ...
-                s.generator = torch.Generator().manual_seed(sampling.seed + j)
+                s.generator = torch.Generator().manual_seed((sampling.seed + j) % 2 ** 64)
             seqs.append(s)
         self.waiting.append(seqs)
         return seqs
@@ -138,6 +138,15 @@ class Engine:
         self._admit()
         if not self.running:
             return []
+        finite = torch.isfinite(self.logits).all(dim=-1)  # [n]
+        if not bool(finite.all()):  # an adapter with extreme values: fail those rows, not the batch
+            if self.shared is not None:
+                raise FloatingPointError("the model produced non-finite logits (diverged weights or adapter?)")
+            for i in (~finite).nonzero().flatten().tolist():
+                self.running[i].finish_reason = "error"
+            self._retire()
+            if not self.running:
+                return []
         tok, logp = self._pick()  # [n], [n] or None
         toks, lps = tok.tolist(), (logp.tolist() if logp is not None else None)
         for i, s in enumerate(self.running):
@@ -200,8 +209,16 @@ class Engine:
         R = self._stack_R([g[0] for g in groups])  # [b, M, r, r] or None
         counts = {len(g) for g in groups}
         repeats = counts.pop() if len(counts) == 1 else 1  # one size: the cache's own repeat, as in training
-        with self._rows(R):
-            logits, cache, mask, pos = prefill(self.model, ids, mask, repeats)  # [b·k, 1, V], ..., [b·k, P]
+        try:
+            with self._rows(R):
+                logits, cache, mask, pos = prefill(self.model, ids, mask, repeats)  # [b·k, 1, V], ..., [b·k, P]
+        except (RuntimeError, MemoryError):  # e.g. out of memory: these rows fail, the running batch goes on
+            if self.shared is not None:  # a `generate` call: its caller should see the error
+                raise
+            for g in groups:
+                for s in g:
+                    s.finish_reason = "error"
+            return
         if repeats == 1 and any(len(g) > 1 for g in groups):
             idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
             cache.batch_select_indices(idx.to(self.device))

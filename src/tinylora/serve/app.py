@@ -117,7 +117,7 @@ class Server:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def generate(self, req: Sampled, prompts: list[list[int]], max_tokens: int | None, kind: str):
-        R = self.adapter_R(req)
+        R = await run_in_threadpool(self.adapter_R, req)  # an inline adapter's R is built off the event loop
         stops = req.stops()
         req.refuse_unsupported()
         samplings = [self.sampling(req, max_tokens, len(p)) for p in prompts]
@@ -131,6 +131,7 @@ class Server:
                 self.worker.cancel(job)
             raise APIError(429, f"server busy: {e}", type="rate_limit_error", code="queue_full") from e
         run = Run(self, jobs, stops, kind, req.model, sum(len(p) for p in prompts))
+        run.include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         try:
@@ -140,31 +141,49 @@ class Server:
 
 
 class Choice:
-    """One completion's tokens → text, with stop strings cut off and streaming held back where a stop string
-    or an unfinished UTF-8 character could still change the end."""
+    """One completion's tokens → text, decoded incrementally (each token costs a decode of a few tokens, not
+    of the whole completion), with stop strings cut off, and streaming held back where a stop string or an
+    unfinished UTF-8 character could still change the end."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.tokens: list[int] = []
         self.text, self.sent, self.finish = "", 0, None
+        self.prefix = self.read = 0  # tokens[prefix:read] are decoded again as context for the next ones
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token: int) -> bool:
         """Take one token; True when it completed a stop string (the text is cut before it)."""
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.finish = self.text[:min(hits)], "stop"
-            return True
+        before = self._decode(self.tokens[self.prefix:self.read])
+        now = self._decode(self.tokens[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new yet, or half a character
+            return False
+        seen = len(self.text)
+        self.text += now[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        if self.stops:
+            start = max(0, seen - max(len(s) for s in self.stops) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, self.finish = self.text[:min(hits)], "stop"
+                return True
         return False
+
+    def close(self) -> None:
+        """The row has ended: keep whatever the last tokens decode to, even half a character."""
+        if self.finish != "stop" and self.read < len(self.tokens):
+            before = self._decode(self.tokens[self.prefix:self.read])
+            self.text += self._decode(self.tokens[self.prefix:])[len(before):]
+            self.read = len(self.tokens)
 
     def take(self) -> str:
         """Text not sent yet that can no longer change."""
         end = len(self.text)
         if self.finish is None:
             end -= max((len(s) - 1 for s in self.stops), default=0)
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
         delta = self.text[self.sent:max(end, self.sent)]
         self.sent += len(delta)
         return delta
@@ -177,8 +196,9 @@ class Run:
         self.server, self.jobs, self.kind, self.model = server, jobs, kind, model
         self.choices = [Choice(server.tokenizer, stops) for job in jobs for _ in range(job.n)]
         self.open = len(self.choices)
-        self.prompt_tokens = prompt_tokens * (jobs[0].n if jobs else 1)
+        self.prompt_tokens = prompt_tokens  # each prompt counted once, however many choices (as OpenAI does)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.include_usage = False
         self.created = int(time.time())
 
     def _job_of(self, index: int) -> tuple[Job, int]:
@@ -189,13 +209,16 @@ class Run:
         """Apply one engine event; returns (choice index, finish reason if that choice just finished)."""
         kind, index, token, info = await self.jobs[0].events.get()
         c = self.choices[index]
-        if kind == "error":
-            raise APIError(500, f"generation failed: {info}", type="server_error")
+        if kind == "error" or info == "error":
+            self.open -= 1
+            raise APIError(500, "generation failed: " + (info if kind == "error" else "non-finite logits (an adapter "
+                           "with extreme values?) or out of memory"), type="server_error")
         if token is not None and c.finish is None and c.add(token):
             job, j = self._job_of(index)
             self.server.worker.cancel_row(job, j, "stop")
         if info is not None:  # the row has left the engine
             self.open -= 1
+            c.close()
             c.finish = c.finish or info
             return index, c.finish
         return index, None
@@ -225,10 +248,12 @@ class Run:
                        for i, c in enumerate(self.choices)]
         return {**self.head(), "choices": choices, "usage": self.usage()}
 
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
     def chunk(self, index: int, text: str, finish: str | None, first: bool = False) -> str:
-        head = self.head()
+        head = {**self.head(), "object": self._chunk_object()}
         if self.kind == "chat":
-            head["object"] = "chat.completion.chunk"
             delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
@@ -249,6 +274,8 @@ class Run:
                 text = self.choices[index].take()
                 if text or finish:
                     yield self.chunk(index, text, finish)
+            if self.include_usage:
+                yield f"data: {json.dumps({**self.head(), 'object': self._chunk_object(), 'choices': [], 'usage': self.usage()})}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client left mid-stream: free its rows
             self.cancel_open()
@@ -302,6 +329,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not server.worker.alive:
+            return error_response(503, "the engine thread is not running", type="server_error")
         return {"status": "ok", "rows": server.worker.rows}
 
     @app.get("/v1/models")
@@ -319,9 +348,15 @@ def create_app(server: Server) -> FastAPI:
         return await server.generate(req, [server.chat_prompt(req)], req.max_completion_tokens or req.max_tokens,
                                      "chat")
 
+    loading = asyncio.Lock()  # one load at a time: two loads of one name cannot both pass the name check
+
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(req: LoadAdapterRequest):
         _runtime_allowed(server)
+        async with loading:
+            return await _load(req)
+
+    async def _load(req: LoadAdapterRequest):
         if req.lora_name == server.name or req.lora_name in server.bank.R:
             raise APIError(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
         if (req.lora_path is None) == (req.adapter is None):
@@ -331,7 +366,7 @@ def create_app(server: Server) -> FastAPI:
                 await run_in_threadpool(server.bank.load, req.lora_path, req.lora_name)
             else:
                 config = AdapterConfig(**req.adapter.config)
-                server.bank.add(req.lora_name, config, req.adapter.v, source="inline adapter")
+                await run_in_threadpool(server.bank.add, req.lora_name, config, req.adapter.v, source="inline adapter")
         except (TypeError, ValueError, FileNotFoundError) as e:
             raise APIError(400, str(e), param="lora_path" if req.lora_path else "adapter") from e
         return {"object": "model", "id": req.lora_name, "status": "loaded"}

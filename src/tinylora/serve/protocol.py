@@ -38,14 +38,21 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)  # null means the default, as in OpenAI's API
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    n: int | None = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2 ** 63)
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-2 ** 63, lt=2 ** 64)
+    stream: bool | None = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
     adapter: InlineAdapter | None = None
+
+    def model_post_init(self, context) -> None:
+        self.temperature = 1.0 if self.temperature is None else self.temperature
+        self.top_p = 1.0 if self.top_p is None else self.top_p
+        self.n = self.n or 1
+        self.stream = bool(self.stream)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -53,19 +53,24 @@ class Worker:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every submitted row, then end the thread."""
-        self.stopping = True
-        self.inbox.put(lambda: None)  # wake it
+        with self.lock:
+            self.stopping = True
+            self.inbox.put(lambda: None)  # wake it
         self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when it would take more rows than `max_queue` allows."""
-        with self.lock:
-            if self.stopping:
+        with self.lock:  # the put is inside: stop() cannot slip in between the check and it
+            if self.stopping or not self.alive:
                 raise QueueFull("the server is shutting down")
             if self.rows + job.n > self.max_queue:
                 raise QueueFull(f"{self.rows} rows are queued or running (limit {self.max_queue}); retry later")
             self.rows += job.n
-        self.inbox.put(lambda: self._add(job))
+            self.inbox.put(lambda: self._add(job))
 
     def cancel(self, job: Job, reason: str = "abort") -> None:
         self.inbox.put(lambda: [self.engine.cancel(s, reason) for s in job.seqs])
@@ -75,7 +80,14 @@ class Worker:
 
     # ---- the engine thread --------------------------------------------------------------------------
     def _add(self, job: Job) -> None:
-        job.seqs = self.engine.add(job.prompt, job.sampling, R=job.R, n=job.n)
+        try:
+            job.seqs = self.engine.add(job.prompt, job.sampling, R=job.R, n=job.n)
+        except Exception as e:  # this job only
+            for j in range(job.n):
+                job.emit(("error", job.base + j, None, f"{type(e).__name__}: {e}"))
+            with self.lock:
+                self.rows -= job.n
+            return
         job.open_rows = job.n
         for j, s in enumerate(job.seqs):
             self.owner[id(s)] = (job, j)
@@ -83,19 +95,17 @@ class Worker:
     def _run(self) -> None:
         with torch.inference_mode(), self.engine.generating():
             while True:
-                self._drain(block=self.engine.idle and not self.stopping)
-                if self.engine.idle:
-                    if self.stopping and self.inbox.empty():
-                        return
-                    continue
                 try:
-                    stepped = self.engine.step()
-                except Exception as e:  # e.g. out of memory: fail the rows in flight, keep serving
+                    self._drain(block=self.engine.idle and not self.stopping)
+                    if self.engine.idle:
+                        if self.stopping and self.inbox.empty():
+                            return
+                        continue
+                    for s in self.engine.step():
+                        self._emit(s, s.tokens[-1])
+                    self._close_cancelled()
+                except Exception as e:  # never let the thread die: fail the rows in flight, keep serving
                     self._fail_all(e)
-                    continue
-                for s in stepped:
-                    self._emit(s, s.tokens[-1])
-                self._close_cancelled()
 
     def _drain(self, block: bool) -> None:
         try:
