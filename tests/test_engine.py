@@ -5,7 +5,8 @@ import torch
 
 from tinylora import AdapterConfig, attach, load_adapter, save_adapter
 from tinylora.bank import AdapterBank
-from tinylora.engine import Engine, Sampling, top_p_filter
+from tinylora.engine import Engine, Sampling
+from tinylora.sampling import top_p_filter
 from tinylora.rollout import sample
 from tinylora.testing import tiny_model_and_tokenizer
 

@@ -1,7 +1,7 @@
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.engine import sample_categorical
+from tinylora.sampling import sample_categorical
 from tinylora.rollout import completion_mask, group_logprobs, sample, sequence_logprobs
 from tinylora.testing import tiny_model_and_tokenizer
 
