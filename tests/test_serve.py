@@ -318,3 +318,46 @@ def test_gpu_server_answers_concurrent_clients_with_their_own_adapters(tmp_path)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             got = dict(pool.map(one, range(8)))
     assert got == {k: alone_gpu(paths[k], PROMPTS[k % 6], 10) for k in range(8)}
+
+
+def test_the_serve_command_end_to_end(tmp_path):
+    """`tinylora serve` as users run it: a saved model folder, an adapters folder, SIGINT to stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    model, tok = model_and_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    paths = make_adapters(tmp_path / "adapters", n=2)
+    lora = attach(model_and_tokenizer()[0], AdapterConfig(method="lora", r=1), progress=False)
+    save_adapter(lora, tmp_path / "bad" / "lora.safetensors")
+    cmd = [sys.executable, "-m", "tinylora", "serve", "--model", str(tmp_path / "base"), "--log-level", "warning"]
+    env = {**os.environ, "TINYLORA_API_KEY": KEY}
+    bad = subprocess.run(cmd + ["--adapters", str(tmp_path / "bad")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and "lora.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(cmd + ["--adapters", str(tmp_path / "adapters"), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        assert [m.id for m in c.models.list()] == [str(tmp_path / "base"), "user0", "user1"]
+        out = c.completions.create(model="user1", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert out.choices[0].text == alone(paths[1], PROMPTS[0], 8)
+        assert httpx.get(url + "/models").status_code == 401  # the key came from $TINYLORA_API_KEY
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "serving" in output and "2 adapters" in output

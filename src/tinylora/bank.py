@@ -39,7 +39,9 @@ class AdapterBank:
         if config is None:
             config = read_adapter_file(paths[0])[0] if paths else AdapterConfig()
         if config.method not in SERVABLE:
-            raise ValueError(f"a bank serves {'/'.join(SERVABLE)} adapters, not {config.method!r}")
+            where = f"{paths[0]}: " if paths else ""
+            raise ValueError(f"{where}a bank serves {'/'.join(SERVABLE)} adapters, not {config.method!r} "
+                             "(export it as LoRA and serve that with PEFT or vLLM)")
         self.config = config
         self.adapter: Adapter = attach(model, config, **kwargs)  # its own v stays 0: rows bring their R
         self.fingerprint = fingerprint(self.adapter)
