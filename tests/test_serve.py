@@ -229,6 +229,12 @@ def test_runtime_load_and_unload(served, tmp_path):
     r = httpx.post(served.url + "/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(damaged)},
                    headers=auth)
     assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
+    flat = {"config": {"u": 1, "n_tie": "all"}, "v": [0.5]}  # inline, v given flat
+    r = httpx.post(served.url + "/load_lora_adapter", json={"lora_name": "flat", "adapter": flat}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert c.completions.create(model="flat", prompt=PROMPTS[1], max_tokens=6, temperature=0).choices[0].text == \
+        c.completions.create(model=BASE, prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                             extra_body={"adapter": flat}).choices[0].text
     assert httpx.post(served.url + "/unload_lora_adapter", json={"lora_name": "late"}, headers=auth).status_code == 200
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="late", prompt="t20", max_tokens=2)

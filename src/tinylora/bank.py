@@ -3,8 +3,8 @@
 Every tinylora and lora-xs adapter of one base shares the frozen factors U, Σ, V (same rank r, same
 targets); what differs is each module's r×r matrix s·R = s·Σ_i v_i P_i. So an AdapterBank keeps each
 adapter as that stack R [n_modules, r, r] (a few KB) and a batch row only needs its own R: the extra
-cost per row is the same for 1 or 10,000 distinct adapters, and adapters with different u, n_tie,
-tying or seed still share a batch.
+cost per row does not depend on how many distinct adapters the batch holds, and adapters with different
+u, n_tie, tying or seed still share a batch.
 
     bank = AdapterBank(model, ["alice.safetensors", "bob.safetensors"])
     with bank.rows(["bob", "alice", None]):   # None: the base model

@@ -127,7 +127,7 @@ def cmd_serve(args) -> None:
         from .serve import Limits, build_server
         from .serve.app import create_app
     except ImportError as e:
-        raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'tinylora[serve]'") from e
+        raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from e
     from .api import ModelConfig
     from .models import load_model
     mc = config_from(ModelConfig, args)

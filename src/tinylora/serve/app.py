@@ -50,12 +50,7 @@ class Server:
                 raise APIError(400, f"an inline adapter runs over the base model: set model to {self.name!r}",
                                param="model")
             try:
-                config = AdapterConfig(**req.adapter.config)
-                v = req.adapter.v
-                if v and not isinstance(v[0], list):  # a flat list: one row per group
-                    k = config.numbers_per_group
-                    v = [v[i:i + k] for i in range(0, len(v), k)]
-                return self.bank.R_of(config, v, source="inline adapter")
+                return self.bank.R_of(*inline_adapter(req.adapter), source="inline adapter")
             except (TypeError, ValueError) as e:
                 raise APIError(400, str(e), param="adapter") from e
         if req.model == self.name:
@@ -365,8 +360,8 @@ def create_app(server: Server) -> FastAPI:
             if req.lora_path is not None:
                 await run_in_threadpool(server.bank.load, req.lora_path, req.lora_name)
             else:
-                config = AdapterConfig(**req.adapter.config)
-                await run_in_threadpool(server.bank.add, req.lora_name, config, req.adapter.v, source="inline adapter")
+                config, v = inline_adapter(req.adapter)
+                await run_in_threadpool(server.bank.add, req.lora_name, config, v, source="inline adapter")
         except (TypeError, ValueError, FileNotFoundError) as e:
             raise APIError(400, str(e), param="lora_path" if req.lora_path else "adapter") from e
         return {"object": "model", "id": req.lora_name, "status": "loaded"}
@@ -381,6 +376,16 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "model", "id": req.lora_name, "status": "unloaded"}
 
     return app
+
+
+def inline_adapter(adapter) -> tuple[AdapterConfig, list]:
+    """(config, v [n_groups][k]) of an adapter given in a request body; a flat v is cut into groups of k."""
+    config = AdapterConfig(**adapter.config)
+    v = adapter.v
+    if v and not isinstance(v[0], list):
+        k = config.numbers_per_group
+        v = [v[i:i + k] for i in range(0, len(v), k)]
+    return config, v
 
 
 def _runtime_allowed(server: Server) -> None:
