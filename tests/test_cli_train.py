@@ -41,6 +41,8 @@ def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
                  "--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_samples"] == 5 and 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1]
+    assert main(["eval", "--model", model_dir, "--n", "5", "--max-new-tokens", "4"]) == 0
+    assert "(strict, n=5)" in capsys.readouterr().out  # the same line as train's summary
     assert main(["eval", "--model", model_dir, "--n", "3", "--samples", "2", "--max-new-tokens", "4", "--json",
                  "--out", str(tmp_path / "e.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -203,7 +203,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
             base["step"] = 0
             out.mkdir(parents=True, exist_ok=True)
             base_path.write_text(json.dumps(base))
-        say(f"base accuracy {_accuracy_line(base, cfg.reward)}")
+        say(f"base accuracy {accuracy_line(base, cfg.reward)}")
         if tracker:
             tracker.log_eval("base", base)
 
@@ -240,7 +240,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         plot_run(history, [e for e in (base, final) if e], out)
     say("\n" + "=" * 64)
     if base and final:
-        say(f"accuracy  {_accuracy_line(base, cfg.reward)}\n      →   {_accuracy_line(final, cfg.reward)}")
+        say(f"accuracy  {accuracy_line(base, cfg.reward)}\n      →   {accuracy_line(final, cfg.reward)}")
     say(f"trained   {summary['trainable_params']:,} parameters, adapter file {summary['adapter_bytes']} bytes "
         f"({adapter_path})")
     say(f"time      {summary['wall_seconds'] / 60:.1f} min total, {summary['steps']} steps of "
@@ -289,7 +289,9 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
     return result
 
 
-def _accuracy_line(e: dict, rule: str) -> str:
+def accuracy_line(e: dict, rule: str) -> str:
+    """'43.0% [95% CI 36.3%–49.9%] (strict, n=200), 54.0% [...] (lenient: the last number)': how every command
+    prints an evaluation."""
     def one(prefix: str) -> str:
         lo, hi = e[prefix + "ci95"]
         return f"{e[prefix + 'accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}]"

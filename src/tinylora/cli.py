@@ -109,13 +109,8 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    lo, hi = result["ci95"]
-    print(f"accuracy {result['accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}, {result['n_samples']} samples"
-          f" of {result['n_problems']} problems, reward {args.reward})")
-    if "lenient_accuracy" in result:
-        lo, hi = result["lenient_ci95"]
-        print(f"lenient  {result['lenient_accuracy']:.1%}  (95% CI {lo:.1%}-{hi:.1%}: the last number in the"
-              " completion equals the gold)")
+    from .api import accuracy_line
+    print(f"accuracy {accuracy_line(result, args.reward)} over {result['n_problems']} problems")
     if args.out:
         print(f"per-sample results: {args.out}")
 
