@@ -137,14 +137,19 @@ class AdapterBank:
         r = self.config.r
         return torch.zeros(len(self._targets), r, r, device=self.device)
 
-    @contextlib.contextmanager
     def rows(self, which):
         """Within this block every forward (HF `generate` included) runs row b with adapter which[b]."""
-        self.adapter._row_R = self.stack(which)
-        try:
-            yield
-        finally:
-            self.adapter._row_R = None
+        return per_row(self.adapter, self.stack(which))
+
+
+@contextlib.contextmanager
+def per_row(adapter: Adapter, R: torch.Tensor):
+    """Within this block the adapter runs batch row b with R[b] ([batch, n_modules, r, r]), not its own v."""
+    adapter._row_R = R
+    try:
+        yield
+    finally:
+        adapter._row_R = None
 
 
 @functools.lru_cache(maxsize=16)

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from . import cpu_weights
+from .bank import per_row
 from .rollout import Rollout, completion_mask, eos_ids, prefill, with_cache
 from .sampling import sample_categorical, top_p_filter
 
@@ -105,10 +106,6 @@ class Engine:
     def idle(self) -> bool:
         return not self.running and not self.waiting
 
-    def __len__(self) -> int:
-        """Rows running or waiting."""
-        return len(self.running) + sum(len(g) for g in self.waiting)
-
     # ---- the step API -------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], sampling: Sampling, *, R: torch.Tensor | None = None,
             n: int = 1) -> list[Sequence]:
@@ -159,7 +156,7 @@ class Engine:
             elif len(s.tokens) >= s.sampling.max_new_tokens:
                 s.finish_reason = "length"
         stepped = list(self.running)
-        keep = self._retire(tok)
+        keep = self._retire()
         if self.running:
             self._decode(tok[keep] if keep is not None else tok)
         return stepped
@@ -208,8 +205,8 @@ class Engine:
             mask[i, P - len(g[0].prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         R = self._stack_R([g[0] for g in groups])  # [b, M, r, r] or None
-        counts = {len(g) for g in groups}
-        repeats = counts.pop() if len(counts) == 1 else 1  # one size: the cache's own repeat, as in training
+        sizes = [len(g) for g in groups]
+        repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
         try:
             with self._rows(R):
                 logits, cache, mask, pos = prefill(self.model, ids, mask, repeats)  # [b·k, 1, V], ..., [b·k, P]
@@ -220,12 +217,12 @@ class Engine:
                 for s in g:
                     s.finish_reason = "error"
             return
-        if repeats == 1 and any(len(g) > 1 for g in groups):
-            idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+        if repeats == 1 and max(sizes) > 1:
+            idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
             cache.batch_select_indices(idx.to(self.device))
             logits, mask, pos = logits[idx], mask[idx], pos[idx]
         if R is not None:
-            R = R.repeat_interleave(torch.tensor([len(g) for g in groups], device=R.device), dim=0)  # [n_new, M, r, r]
+            R = R.repeat_interleave(torch.tensor(sizes, device=R.device), dim=0)  # [n_new, M, r, r]
         new = [s for g in groups for s in g]
         if self.shared is None:
             for s in new:  # every server row samples from its own stream
@@ -257,7 +254,7 @@ class Engine:
             self.row_R = torch.cat([self._R_or_zeros(self.row_R, len(self.running)), self._R_or_zeros(R, len(new))])
         self.running += new
 
-    def _retire(self, tok: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _retire(self) -> torch.Tensor | None:
         """Drop finished rows from the batch; returns the kept row indices (None: all kept)."""
         if not any(s.done for s in self.running):
             return None
@@ -272,8 +269,7 @@ class Engine:
         self.logits = self.logits[idx]
         if self.row_R is not None:
             self.row_R = self.row_R[idx]
-        if self.compact:
-            self._trim()
+        self._trim()
         return idx
 
     def _trim(self) -> None:
@@ -335,22 +331,7 @@ class Engine:
         return R if R is not None else self.bank.zeros()[None].expand(n, -1, -1, -1)
 
     def _rows(self, R: torch.Tensor | None):
-        return _RowAdapters(self.adapter if self.bank is not None else None, R)
-
-
-class _RowAdapters:
-    """Sets the adapter's per-row R for the forwards inside the block."""
-
-    def __init__(self, adapter, R):
-        self.adapter, self.R = adapter, R
-
-    def __enter__(self):
-        if self.adapter is not None:
-            self.adapter._row_R = self.R
-
-    def __exit__(self, *exc):
-        if self.adapter is not None:
-            self.adapter._row_R = None
+        return per_row(self.adapter, R) if self.bank is not None else contextlib.nullcontext()
 
 
 def _layers(cache):

@@ -125,8 +125,8 @@ class Server:
             for job in jobs:
                 self.worker.cancel(job)
             raise APIError(429, f"server busy: {e}", type="rate_limit_error", code="queue_full") from e
-        run = Run(self, jobs, stops, kind, req.model, sum(len(p) for p in prompts))
-        run.include_usage = bool((req.stream_options or {}).get("include_usage"))
+        run = Run(self, jobs, stops, kind, req.model, sum(len(p) for p in prompts),
+                  include_usage=bool((req.stream_options or {}).get("include_usage")))
         if req.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         try:
@@ -187,13 +187,14 @@ class Choice:
 class Run:
     """The events of one request's jobs turned into an OpenAI response (whole, or streamed)."""
 
-    def __init__(self, server: Server, jobs: list[Job], stops: list[str], kind: str, model: str, prompt_tokens: int):
+    def __init__(self, server: Server, jobs: list[Job], stops: list[str], kind: str, model: str, prompt_tokens: int,
+                 include_usage: bool = False):
         self.server, self.jobs, self.kind, self.model = server, jobs, kind, model
         self.choices = [Choice(server.tokenizer, stops) for job in jobs for _ in range(job.n)]
         self.open = len(self.choices)
         self.prompt_tokens = prompt_tokens  # each prompt counted once, however many choices (as OpenAI does)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.include_usage = False
+        self.include_usage = include_usage  # streams end with a chunk of token counts
         self.created = int(time.time())
 
     def _job_of(self, index: int) -> tuple[Job, int]:

@@ -32,7 +32,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     base: int = 0  # the request's choice index of this job's first row
     seqs: list[Sequence] = field(default_factory=list)
-    open_rows: int = 0
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -88,7 +87,6 @@ class Worker:
             with self.lock:
                 self.rows -= job.n
             return
-        job.open_rows = job.n
         for j, s in enumerate(job.seqs):
             self.owner[id(s)] = (job, j)
 
@@ -102,7 +100,7 @@ class Worker:
                             return
                         continue
                     for s in self.engine.step():
-                        self._emit(s, s.tokens[-1])
+                        self._emit(s)
                     self._close_cancelled()
                 except Exception as e:  # never let the thread die: fail the rows in flight, keep serving
                     self._fail_all(e)
@@ -119,15 +117,15 @@ class Worker:
             except queue.Empty:
                 return
 
-    def _emit(self, s: Sequence, token: int | None) -> None:
+    def _emit(self, s: Sequence) -> None:
+        """The token `s` just got (and its finish reason, if that ended it)."""
         job, j = self.owner[id(s)]
-        job.emit(("token", job.base + j, token, s.finish_reason))
+        job.emit(("token", job.base + j, s.tokens[-1], s.finish_reason))
         if s.done:
             self._close(s)
 
     def _close(self, s: Sequence) -> None:
-        job, _ = self.owner.pop(id(s))
-        job.open_rows -= 1
+        self.owner.pop(id(s))
         with self.lock:
             self.rows -= 1
 
