@@ -2,6 +2,7 @@
 
     python experiments/report.py runs/param_curve --kind curve     # best learning rate per size and algorithm
     python experiments/report.py runs/ablations --kind seeds       # each setting over its seeds
+    python experiments/report.py runs/steps --kind steps           # accuracy at each --eval-every step
 
 Every number printed is a cell of results.csv (fractions shown as percentages); run names trace them.
 """
@@ -78,10 +79,57 @@ def seeds(rows: list[dict]) -> None:
               f"{statistics.mean(lenient):.1f} |")
 
 
+def learning_curve(row: dict) -> list[tuple[int, float, float | None]]:
+    """(step, strict, lenient) from the base (step 0) through the `evals` column to the final evaluation."""
+    points = [(0, float(row["base_acc"]), float(row["base_lenient"]) if row.get("base_lenient") else None)]
+    for pair in (row.get("evals") or "").split():
+        step, accs = pair.split(":")
+        strict, _, lenient = accs.partition("/")
+        points.append((int(step), float(strict), float(lenient) if lenient else None))
+    points.append((int(row["steps"]), float(row["final_acc"]),
+                   float(row["final_lenient"]) if row.get("final_lenient") else None))
+    return points
+
+
+def steps(rows: list[dict], plot: Path | None = None) -> None:
+    """One line per run: held-out strict / lenient accuracy at step 0 (the base), each evaluation, the end."""
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        print("No finished runs yet.")
+        return
+    curves = {r["name"]: learning_curve(r) for r in done}
+    columns = sorted({s for c in curves.values() for s, _, _ in c})
+    print("| run | trained numbers | " + " | ".join(f"step {s}" for s in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for r in done:
+        at = {s: (a, b) for s, a, b in curves[r["name"]]}
+        cells = [f"{100 * at[s][0]:.1f} / {100 * at[s][1]:.1f}" if s in at and at[s][1] is not None
+                 else f"{100 * at[s][0]:.1f}" if s in at else "–" for s in columns]
+        print(f"| `{r['name']}` | {int(r['trainable_params']):,} | " + " | ".join(cells) + " |")
+    print("\nCells: held-out accuracy strict / lenient (%); step 0 is the base model.")
+    if plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, (i, title) in zip(axes, ((1, "strict"), (2, "lenient (last number)"))):
+            for name, c in curves.items():
+                pts = [(p[0], p[i]) for p in c if p[i] is not None]
+                ax.plot([s for s, _ in pts], [100 * a for _, a in pts], marker="o", ms=3, label=name)
+            ax.set_title(title)
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("held-out accuracy (%)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="a `tinylora sweep` folder (holds results.csv)")
-    p.add_argument("--kind", choices=("curve", "seeds"), default="curve")
+    p.add_argument("--kind", choices=("curve", "seeds", "steps"), default="curve")
     p.add_argument("--docs", type=Path, default=Path("docs/reproduction"),
                    help="where results.csv and the plot are copied, as NAME.csv / NAME.png")
     args = p.parse_args()
@@ -90,6 +138,9 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     name = args.sweep.name
     shutil.copyfile(args.sweep / "results.csv", args.docs / f"{name}.csv")
+    if args.kind == "steps":  # accuracy against steps, not against trained numbers
+        steps(rows, plot=args.docs / f"{name}.png")
+        return
     if (args.sweep / "accuracy_vs_params.png").is_file():
         shutil.copyfile(args.sweep / "accuracy_vs_params.png", args.docs / f"{name}.png")
     (curve if args.kind == "curve" else seeds)(rows)

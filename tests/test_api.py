@@ -169,3 +169,32 @@ def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path
     assert adapter.v.device.type == "cuda" and torch.isfinite(adapter.v).all()
     assert any(m["grad_norm"] > 0 for m in history)
     assert all(m["logp_gap"] < 0.05 for m in history), [m["logp_gap"] for m in history]  # same weights, same math
+
+
+@pytest.mark.parametrize("rollout_weights", ["merged", "hooks"])
+def test_eval_every_adds_a_learning_curve_and_leaves_training_untouched(peaked_model, tmp_path, rollout_weights):
+    model_dir, good = peaked_model
+    data_file, reward_file = write_task(tmp_path, good)
+    model = ModelConfig(model=model_dir, device="cpu")
+    data = DataConfig(data=str(data_file), prompt_template="{word} ?", eval_n=4)
+    cfg = TrainConfig(steps=4, lr=0.1, batch_prompts=4, group_size=4, max_new_tokens=4, temperature=1.0,
+                      warmup=0.0, reward=f"{reward_file}:planted", system="", rollout_weights=rollout_weights)
+    summaries = {every: train(model, data, AdapterConfig(u=1, n_tie="all"), cfg,
+                              RunConfig(out=str(tmp_path / str(every)), progress=False, eval_every=every))
+                 for every in (0, 1)}
+    metrics = {every: [json.loads(x) for x in (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()]
+               for every in (0, 1)}
+    # the evaluations in between (merging the adapter into the weights and out again) change nothing in training
+    assert [m["v"] for m in metrics[0]] == [m["v"] for m in metrics[1]]
+    assert summaries[0]["final_eval"]["accuracy"] == summaries[1]["final_eval"]["accuracy"]
+    assert summaries[0]["evals_during"] == []
+    curve = summaries[1]["evals_during"]
+    assert [e["step"] for e in curve] == [1, 2, 3]  # step 4 is the final evaluation
+    assert [m.get("eval") for m in metrics[1]] == [*curve, None]
+    assert all(0 <= e["accuracy"] <= 1 for e in curve)
+    assert (tmp_path / "1" / "eval_step2.jsonl").is_file()
+
+
+def test_eval_every_must_be_a_count():
+    with pytest.raises(ValueError, match="eval_every"):
+        RunConfig(eval_every=-1)

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, ca
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_same_results_as_an_uninterrupted_sweep(model_dir, tmp_path):
-    spec = write_spec(tmp_path, model_dir, steps=30)
+    spec = write_spec(tmp_path, model_dir, steps=30, extra="eval-every = 10")  # a learning curve at 10 and 20
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(sweep_cmd(spec, tmp_path / "whole"), env=env, check=True, capture_output=True)
 
@@ -135,6 +136,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_results_as_an_uninterrupted_sw
     whole, resumed = read_csv(tmp_path / "whole" / "results.csv"), read_csv(cut / "results.csv")
     assert comparable(resumed) == comparable(whole)
     assert all(r["status"] == "done" for r in resumed)
+    assert all(re.fullmatch(r"10:[\d.]+/[\d.]+ 20:[\d.]+/[\d.]+", r["evals"]) for r in resumed), resumed
     for run in ("n-tie=all", "n-tie=1"):  # and the trained numbers themselves are equal
         a, b = (load_file(str(d / "runs" / run / "adapter.safetensors"))["v"] for d in (cut, tmp_path / "whole"))
         assert a.equal(b), run

@@ -113,6 +113,32 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 5
 
 
+def test_an_evaluation_cut_off_by_a_stop_runs_first_on_resume(tmp_path):
+    def recorder(trainer, calls):
+        def on_eval(done):
+            calls.append((done, trainer.adapter.v.detach().clone()))
+            return {"step": done, "accuracy": 0.5}
+        return on_eval
+    full_calls, cut_calls = [], []
+    full = make_trainer(tmp_path / "a", small_cfg(steps=5))
+    full.fit(eval_every=2, on_eval=recorder(full, full_calls))
+    assert [d for d, _ in full_calls] == [2, 4]
+    cut = make_trainer(tmp_path / "b", small_cfg(steps=5))
+
+    def stop_at_two(m):
+        if m["step"] == 1:
+            cut.stop_requested = True  # Ctrl-C during step 2, whose evaluation is then skipped
+    cut.fit(on_step=stop_at_two, eval_every=2, on_eval=recorder(cut, cut_calls))
+    assert cut_calls == []
+    resumed = make_trainer(tmp_path / "b", small_cfg(steps=5))
+    history = resumed.fit(resume=True, eval_every=2, on_eval=recorder(resumed, cut_calls))
+    assert [d for d, _ in cut_calls] == [2, 4]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(full_calls, cut_calls))  # the same v at each
+    assert [m.get("eval", {}).get("step") for m in history] == [None, 2, None, 4, None]
+    saved = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("eval", {}).get("step") for m in saved] == [None, 2, None, 4, None]
+
+
 def test_nan_step_is_skipped_and_v_is_untouched(tmp_path):
     trainer = make_trainer(tmp_path, small_cfg(steps=2))
     logprobs = trainer.logprobs

@@ -132,6 +132,9 @@ class RunConfig:
     out: str = field(default="runs/default", metadata={"help": "output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.safetensors"})
     eval_batch_size: int = field(default=50, metadata={"help": "sequences generated together in evaluation"})
+    eval_every: int = field(default=0, metadata={
+        "help": "also score the held-out set every N steps (0: only before and after training): a learning "
+                "curve in metrics.jsonl, summary.json and the plot"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     report_to: str = field(default="none", metadata={
         "help": "also log metrics to 'tensorboard' (OUT/tensorboard) or 'wandb' (offline unless WANDB_API_KEY or "
@@ -142,6 +145,8 @@ class RunConfig:
             raise _bad("report_to", self.report_to, " or ".join(REPORT_TO))
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
             raise _bad("eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise _bad("eval_every", self.eval_every, "an integer >= 0")
 
 
 def train(model: ModelConfig | None = None, data: DataConfig | None = None, adapter: AdapterConfig | None = None,
@@ -207,8 +212,18 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         if tracker:
             tracker.log_eval("base", base)
 
+    def eval_during(steps_done: int) -> dict:  # the held-out set mid-training: greedy, so training's RNG is untouched
+        e = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / f"eval_step{steps_done}.jsonl",
+                           desc=label + f"eval step {steps_done}", exact=True, **ev)
+        e["step"] = steps_done
+        say(f"step {steps_done}: {accuracy_line(e, cfg.reward)}")
+        if tracker:
+            tracker.log_eval("during", e)
+        return {k: e[k] for k in ("step", "accuracy", "ci95", "lenient_accuracy", "lenient_ci95") if k in e}
+
     t_train = time.time()
-    history = trainer.fit(resume=run.resume, on_step=tracker.log if tracker else None)
+    history = trainer.fit(resume=run.resume, on_step=tracker.log if tracker else None, eval_every=run.eval_every,
+                          on_eval=eval_during if eval_problems and rank == 0 else None)
     t_train = time.time() - t_train
     if rank != 0:
         dist.shutdown()
@@ -222,12 +237,14 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         if tracker:
             tracker.log_eval("final", final)
     steps_done = [m for m in history if "tokens_per_s" in m]
+    during = [m["eval"] for m in history if "eval" in m]
     summary = {
         "model": model.model, "task": data.source, "algo": cfg.algo,
         "config": json.loads(ad.config.to_json()),
         "trainable_params": ad.num_trainable(), "adapter_file": str(adapter_path),
         "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
-        "base_eval": base, "base_eval_reused": base_reused, "final_eval": final, "train_seconds": round(t_train, 1),
+        "base_eval": base, "base_eval_reused": base_reused, "final_eval": final, "evals_during": during,
+        "train_seconds": round(t_train, 1),
         "wall_seconds": round(time.time() - t_start, 1),
         "mean_step_seconds": round(sum(m["step_time"] for m in history) / max(len(history), 1), 2),
         "rollout_tokens_per_s": round(sum(m["tokens_per_s"] for m in steps_done) / max(len(steps_done), 1), 1),
@@ -237,7 +254,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     if tracker:
         tracker.close()
     if history:
-        plot_run(history, [e for e in (base, final) if e], out)
+        plot_run(history, [e for e in (base, *during, final) if e], out)
     say("\n" + "=" * 64)
     if base and final:
         say(f"accuracy  {accuracy_line(base, cfg.reward)}\n      →   {accuracy_line(final, cfg.reward)}")

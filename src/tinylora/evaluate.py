@@ -36,7 +36,8 @@ def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
 def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
              max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
              suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
-             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None) -> dict:
+             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None,
+             exact: bool = False) -> dict:
     """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and, where
     every gold answer is a number, by the lenient rule beside it (the last number in the completion equals
     the gold): `accuracy`/`ci95` and `lenient_accuracy`/`lenient_ci95`, both verdicts on every JSONL row.
@@ -45,7 +46,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     is then the mean reward over the scored samples (the fraction correct for a 0/1 reward), its interval
     Wilson's for 0/1 rewards and the normal approximation otherwise.
     The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
-    given, else with the adapter merged into its weights.
+    given, else with the adapter merged into its weights (`exact`: restored bit for bit after, as training
+    that goes on after the evaluation needs).
     """
     reward_fn = load_reward(reward)
     extract = REWARDS[reward][1] if is_builtin(reward) else None
@@ -53,7 +55,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
     rows = []
-    engine = Engine(model, tokenizer, weights=weights, adapter=adapter)
+    engine = Engine(model, tokenizer, weights=weights, adapter=adapter, exact=exact)
     with engine.generating():  # entered once: a merge is not redone for every batch
         for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]

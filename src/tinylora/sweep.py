@@ -44,7 +44,7 @@ EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_te
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
                   "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
-                  "wall_seconds", "train_seconds")
+                  "evals", "wall_seconds", "train_seconds")
 TIME_COLUMNS = ("wall_seconds", "train_seconds")
 
 
@@ -246,7 +246,8 @@ def result_row(run: Run, status: str, error: str, summary: dict | None, option_k
                    trainable_params=summary["trainable_params"], adapter_bytes=summary["adapter_bytes"],
                    steps=summary["steps"], rule=final.get("reward", base.get("reward", "")),
                    n_eval=final.get("n_samples", base.get("n_samples", "")),
-                   wall_seconds=summary["wall_seconds"], train_seconds=summary["train_seconds"])
+                   wall_seconds=summary["wall_seconds"], train_seconds=summary["train_seconds"],
+                   evals=_curve(summary.get("evals_during") or []))
         for prefix, e in (("base", base), ("final", final)):
             for name, key in (("acc", ""), ("lenient", "lenient_")):
                 if key + "accuracy" in e:
@@ -254,6 +255,12 @@ def result_row(run: Run, status: str, error: str, summary: dict | None, option_k
                     row.update({f"{prefix}_{name}": round(e[key + "accuracy"], 4),
                                 f"{prefix}_{name}_lo": round(lo, 4), f"{prefix}_{name}_hi": round(hi, 4)})
     return row
+
+
+def _curve(evals: list[dict]) -> str:
+    """--eval-every's learning curve as "step:strict/lenient" pairs, e.g. "20:0.56/0.63 40:0.6/0.665"."""
+    return " ".join(f"{e['step']}:{round(e['accuracy'], 4)}/" + (f"{round(e['lenient_accuracy'], 4)}"
+                    if "lenient_accuracy" in e else "") for e in evals)
 
 
 def read_results(path: Path) -> dict[str, dict]:

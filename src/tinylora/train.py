@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import random
 import signal
@@ -333,9 +334,15 @@ class Trainer:
         self.stop_requested = True
         tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to stop at once)")
 
-    def fit(self, resume: bool = False, on_step=None) -> list[dict]:
+    def fit(self, resume: bool = False, on_step=None, eval_every: int = 0, on_eval=None) -> list[dict]:
+        """Train from step 0 (or the checkpoint's step); `on_eval(steps_done)` -> dict runs every `eval_every`
+        steps before the last, after the checkpoint, and lands in that step's metrics row as "eval"."""
         cfg, ckpt, metrics_path = self.cfg, self.out / "checkpoint.safetensors", self.out / "metrics.jsonl"
         start, history = 0, []
+
+        def eval_due(done: int) -> bool:
+            return on_eval is not None and eval_every > 0 and done % eval_every == 0 and done < cfg.steps
+
         if resume and ckpt.is_file():
             start, params, _ = load_checkpoint(ckpt, self.opt)
             self.adapter.load_trainable_state(params)
@@ -344,6 +351,8 @@ class Trainer:
                 history = [m for m in history if m["step"] < start]
             if self.rank == 0:
                 tqdm.write(f"resuming from {ckpt} at step {start}")
+            if history and history[-1]["step"] == start - 1 and "eval" not in history[-1] and eval_due(start):
+                history[-1]["eval"] = on_eval(start)  # stopped during (or just before) that evaluation: v is as it was
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
@@ -363,6 +372,12 @@ class Trainer:
                     bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward_mean", "loss", "step_time") if k in m})
                 if on_step is not None:
                     on_step(m)
+                if eval_due(step + 1) and not self.stop_requested:  # stopped: the resumed run evaluates first
+                    m["eval"] = on_eval(step + 1)
+                    if self.rank == 0:
+                        tmp = metrics_path.with_suffix(".tmp")
+                        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+                        os.replace(tmp, metrics_path)
                 if self.stop_requested:
                     break
         finally:
