@@ -162,3 +162,19 @@ def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, cap
     assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
     assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["u=2,n-tie=1", "u=2,n-tie=all", "u=3,n-tie=1"]
+
+
+def test_only_runs_the_matching_runs_and_leaves_the_rest_pending(model_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, model_dir, steps=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress", "--only", "=1$"]) == 0
+    assert "2 runs, 0 finished, 1 to run, 1 left for later (--only)" in capsys.readouterr().out
+    assert {r["name"]: r["status"] for r in read_csv(out / "results.csv")} == {"n-tie=all": "pending",
+                                                                                 "n-tie=1": "done"}
+    assert not (out / "runs" / "n-tie=all").exists()
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0  # the rest, later
+    assert "2 runs, 1 finished, 1 to run (out:" in capsys.readouterr().out
+    for bad, message in (("(", "not a regular expression"), ("lr=", "matches none of the runs")):
+        assert main(["sweep", str(spec), "--out", str(out), "--only", bad]) != 0
+        err = capsys.readouterr().err
+        assert "--only" in err and message in err, err

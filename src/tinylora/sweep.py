@@ -287,15 +287,24 @@ def _duration(seconds: float) -> str:
 
 
 # ---- the sweep -----------------------------------------------------------------------------------
-def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_run: bool = False) -> list[dict]:
-    """Run every run of `spec` not yet finished under `out`; return the rows of results.csv."""
+def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_run: bool = False,
+              only: str | None = None) -> list[dict]:
+    """Run every run of `spec` not yet finished under `out` (with `only`: those whose name the regular
+    expression matches; the rest are left as they are); return the rows of results.csv."""
     from .sweep_plots import plot_sweep
     runs = load_spec(spec)
     out = Path(out)
+    try:
+        chosen = [r for r in runs if only is None or re.search(only, r.name)]
+    except re.error as e:
+        raise ValueError(f"--only {only!r}: not a regular expression ({e})") from None
+    if not chosen:
+        raise ValueError(f"--only {only!r} matches none of the runs of {spec}: "
+                         + ", ".join(r.name for r in runs))
     # options as written; algo, method and steps get their own (resolved) result columns
     option_keys = [k for k in dict.fromkeys(k for r in runs for k in r.options) if k not in RESULT_COLUMNS]
     if dry_run:
-        for r in runs:
+        for r in chosen:
             print(f"{r.name}: tinylora train {' '.join(r.argv)}")
         return []
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -321,16 +330,19 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
             rows[r.name] = {**earlier[r.key], "name": r.name}  # finished in a sitting whose folders are gone
         else:
             rows[r.name] = result_row(r, "pending", "", None, option_keys)
-            todo.append(r)
+            if r in chosen:
+                todo.append(r)
     def say(*a):
         print(*a, flush=True)  # before the child writes its own lines
-    say(f"sweep {spec}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (out: {out})")
+    finished = sum(row["status"] == "done" for row in rows.values())
+    later = f", {len(runs) - finished - len(todo)} left for later (--only)" if only is not None else ""
+    say(f"sweep {spec}: {len(runs)} runs, {finished} finished, {len(todo)} to run{later} (out: {out})")
     durations: list[float] = []
     _stop.clear()
     for i, r in enumerate(todo):
         if _stop.is_set():
             break
-        done = len(runs) - len(todo) + i
+        done = finished + i
         eta = f" ETA {_duration(sum(durations) / len(durations) * (len(todo) - i))}" if durations else ""
         label = f"[{done + 1}/{len(runs)}{eta}] "
         say(f"{label}{r.name}")
