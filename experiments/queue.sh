@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Every experiment of docs/reproduction.md, most decisive first, as resumable sweeps into OUT (default
-# runs/). Rerun the same command to continue after a stop: finished runs are skipped, a run cut off
-# resumes from its checkpoint. GSM8K reads $TINYLORA_GSM8K_DIR (train.jsonl, test.jsonl) or the hub.
+# runs/, relative to the repository). Rerun the same command to continue after a stop: finished runs are
+# skipped, a run cut off resumes from its checkpoint. A sweep with failed runs does not stop the queue;
+# Ctrl-C or kill stops it and the sweep in flight. GSM8K reads $TINYLORA_GSM8K_DIR or the hub.
 #
 #   bash experiments/queue.sh [OUT]
-set -uo pipefail
+set -u
+cd "$(dirname "$0")/.."
 OUT=${1:-runs}
-sweep() {  # go on past failed runs (exit 1: recorded in results.csv); stop on Ctrl-C or a bad spec
-    tinylora sweep "$@" --no-progress
+child=""
+trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait; exit 130' INT TERM
+sweep() {
+    tinylora sweep "$@" --no-progress &
+    child=$!
+    wait "$child"
     local rc=$?
-    if [ $rc -ne 0 ] && [ $rc -ne 1 ]; then exit $rc; fi
+    child=""
+    if [ $rc -ge 128 ]; then exit $rc; fi  # interrupted or killed: stop here, rerun to continue
 }
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie='  # GRPO, u=1, every rate
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16$'       # 11 numbers for 100 steps

@@ -93,9 +93,9 @@ def learning_curve(row: dict) -> list[tuple[int, float, float | None]]:
 
 def steps(rows: list[dict], plot: Path | None = None) -> None:
     """One line per run: held-out strict / lenient accuracy at step 0 (the base), each evaluation, the end."""
-    done = [r for r in rows if r["status"] == "done"]
+    done = [r for r in rows if r["status"] == "done" and r.get("final_acc") and r.get("base_acc")]
     if not done:
-        print("No finished runs yet.")
+        print("No finished runs with a base and a final evaluation yet.")
         return
     curves = {r["name"]: learning_curve(r) for r in done}
     columns = sorted({s for c in curves.values() for s, _, _ in c})

@@ -43,7 +43,8 @@ def peaked_model(tmp_path_factory):
 
 def write_task(tmp_path, good):
     data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"word": w, "lang": "toy"}) + "\n" for w in WORDS))
+    data.write_text("".join(json.dumps({"word": w, "lang": "toy", "solution": f"{good[0]} {w}"}) + "\n"
+                            for w in WORDS))  # the solution: what SFT learns
     reward = tmp_path / "my_reward.py"
     reward.write_text(f"GOOD = set({good!r})\n\n"
                       "def planted(completions, word, lang, **kwargs):\n"
@@ -171,14 +172,16 @@ def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path
     assert all(m["logp_gap"] < 0.05 for m in history), [m["logp_gap"] for m in history]  # same weights, same math
 
 
-@pytest.mark.parametrize("rollout_weights", ["merged", "hooks"])
-def test_eval_every_adds_a_learning_curve_and_leaves_training_untouched(peaked_model, tmp_path, rollout_weights):
+@pytest.mark.parametrize("algo", ["grpo", "sft"])
+def test_eval_every_adds_a_learning_curve_and_leaves_training_untouched(peaked_model, tmp_path, algo):
     model_dir, good = peaked_model
     data_file, reward_file = write_task(tmp_path, good)
     model = ModelConfig(model=model_dir, device="cpu")
     data = DataConfig(data=str(data_file), prompt_template="{word} ?", eval_n=4)
-    cfg = TrainConfig(steps=4, lr=0.1, batch_prompts=4, group_size=4, max_new_tokens=4, temperature=1.0,
-                      warmup=0.0, reward=f"{reward_file}:planted", system="", rollout_weights=rollout_weights)
+    # both evaluate with the adapter merged into the fp32 weights and taken out again between steps
+    cfg = TrainConfig(algo=algo, steps=4, lr=0.1, batch_prompts=4, group_size=4, max_new_tokens=4,
+                      temperature=1.0, warmup=0.0, reward=f"{reward_file}:planted", system="",
+                      rollout_weights="merged")
     summaries = {every: train(model, data, AdapterConfig(u=1, n_tie="all"), cfg,
                               RunConfig(out=str(tmp_path / str(every)), progress=False, eval_every=every))
                  for every in (0, 1)}

@@ -139,6 +139,30 @@ def test_an_evaluation_cut_off_by_a_stop_runs_first_on_resume(tmp_path):
     assert [m.get("eval", {}).get("step") for m in saved] == [None, 2, None, 4, None]
 
 
+def test_a_kill_during_an_evaluation_resumes_at_that_evaluation_whatever_save_every(tmp_path):
+    from tinylora.checkpoint import load_checkpoint
+    calls = []
+
+    def killed(done):
+        raise KeyboardInterrupt  # what a second Ctrl-C (or the sweep's kill) does mid-evaluation
+
+    def record(done):
+        calls.append((done, resumed.adapter.v.detach().clone()))
+        return {"step": done}
+    cut = make_trainer(tmp_path / "b", small_cfg(steps=5, save_every=3))
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(eval_every=2, on_eval=killed)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cut.opt)[0] == 2  # saved before evaluating
+    resumed = make_trainer(tmp_path / "b", small_cfg(steps=5, save_every=3))
+    steps_run = []
+    history = resumed.fit(resume=True, eval_every=2, on_eval=record, on_step=lambda m: steps_run.append(m["step"]))
+    assert [d for d, _ in calls] == [2, 4] and steps_run == [2, 3, 4]
+    full = make_trainer(tmp_path / "a", small_cfg(steps=5))
+    full.fit()
+    assert torch.equal(resumed.adapter.v, full.adapter.v)
+    assert [m["step"] for m in history] == [0, 1, 2, 3, 4]
+
+
 def test_nan_step_is_skipped_and_v_is_untouched(tmp_path):
     trainer = make_trainer(tmp_path, small_cfg(steps=2))
     logprobs = trainer.logprobs

@@ -133,8 +133,8 @@ class RunConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.safetensors"})
     eval_batch_size: int = field(default=50, metadata={"help": "sequences generated together in evaluation"})
     eval_every: int = field(default=0, metadata={
-        "help": "also score the held-out set every N steps (0: only before and after training): a learning "
-                "curve in metrics.jsonl, summary.json and the plot"})
+        "help": "also score the --eval-n held-out problems every N steps (0: only before and after training): "
+                "a learning curve in metrics.jsonl, summary.json and the plot"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     report_to: str = field(default="none", metadata={
         "help": "also log metrics to 'tensorboard' (OUT/tensorboard) or 'wandb' (offline unless WANDB_API_KEY or "
@@ -162,6 +162,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     from .plots import plot_run
     from .tracking import make_tracker
     from .train import Trainer
+    from tqdm.auto import tqdm
 
     model, data, adapter = model or ModelConfig(), data or DataConfig(), adapter or AdapterConfig()
     cfg, run = training or TrainConfig(), run or RunConfig()
@@ -216,7 +217,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         e = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / f"eval_step{steps_done}.jsonl",
                            desc=label + f"eval step {steps_done}", exact=True, **ev)
         e["step"] = steps_done
-        say(f"step {steps_done}: {accuracy_line(e, cfg.reward)}")
+        tqdm.write(f"step {steps_done}: {accuracy_line(e, cfg.reward)}")  # print would break the progress bar
         if tracker:
             tracker.log_eval("during", e)
         return {k: e[k] for k in ("step", "accuracy", "ci95", "lenient_accuracy", "lenient_ci95") if k in e}

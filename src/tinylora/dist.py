@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -14,7 +15,9 @@ def init() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():  # one GPU per rank
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 evaluates alone (before, during with --eval-every, after) while the others wait in a collective:
+        # a timeout of hours, not NCCL's default 10 minutes, lets a long evaluation finish
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=6))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 

@@ -335,13 +335,19 @@ class Trainer:
         tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to stop at once)")
 
     def fit(self, resume: bool = False, on_step=None, eval_every: int = 0, on_eval=None) -> list[dict]:
-        """Train from step 0 (or the checkpoint's step); `on_eval(steps_done)` -> dict runs every `eval_every`
-        steps before the last, after the checkpoint, and lands in that step's metrics row as "eval"."""
+        """Train from step 0 (or the checkpoint's step). Every `eval_every` steps before the last,
+        `on_eval(steps_done)` -> dict runs after that step's checkpoint and lands in its metrics row as "eval";
+        one cut off by a stop or a kill runs first on resume."""
         cfg, ckpt, metrics_path = self.cfg, self.out / "checkpoint.safetensors", self.out / "metrics.jsonl"
         start, history = 0, []
 
         def eval_due(done: int) -> bool:
             return on_eval is not None and eval_every > 0 and done % eval_every == 0 and done < cfg.steps
+
+        def write_metrics() -> None:  # whole, atomically: a kill leaves the old file or the new one
+            tmp = metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+            os.replace(tmp, metrics_path)
 
         if resume and ckpt.is_file():
             start, params, _ = load_checkpoint(ckpt, self.opt)
@@ -351,33 +357,32 @@ class Trainer:
                 history = [m for m in history if m["step"] < start]
             if self.rank == 0:
                 tqdm.write(f"resuming from {ckpt} at step {start}")
-            if history and history[-1]["step"] == start - 1 and "eval" not in history[-1] and eval_due(start):
-                history[-1]["eval"] = on_eval(start)  # stopped during (or just before) that evaluation: v is as it was
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=self.label + cfg.algo,
-                   disable=not self.progress)
         try:
+            if history and history[-1]["step"] == start - 1 and "eval" not in history[-1] and eval_due(start):
+                history[-1]["eval"] = on_eval(start)  # cut off last time; v is as it was then
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_metrics()
+            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=self.label + cfg.algo,
+                       disable=not self.progress)
             for step in bar:
                 m = self.train_step(step)
                 history.append(m)
+                if on_step is not None:
+                    on_step(m)
+                due = eval_due(step + 1) and not self.stop_requested  # stopped: the resumed run evaluates first
                 if self.rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(m) + "\n")
-                    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or self.stop_requested:
+                    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or self.stop_requested or due:
                         save_checkpoint(ckpt, step + 1, self.adapter.trainable_state(), self.opt,
                                         {"config": asdict(cfg)})
                     bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward_mean", "loss", "step_time") if k in m})
-                if on_step is not None:
-                    on_step(m)
-                if eval_due(step + 1) and not self.stop_requested:  # stopped: the resumed run evaluates first
+                if due:
                     m["eval"] = on_eval(step + 1)
                     if self.rank == 0:
-                        tmp = metrics_path.with_suffix(".tmp")
-                        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-                        os.replace(tmp, metrics_path)
+                        write_metrics()
                 if self.stop_requested:
                     break
         finally:
