@@ -22,6 +22,6 @@ sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16$'       # 11 numbers for 100 steps
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # rank, tying, v dtype
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie='   # SFT, u=1, every rate
-sweep experiments/gsm8k.toml --out "$OUT/gsm8k"
 sweep experiments/param_curve.toml --out "$OUT/param_curve"              # u=4, LoRA-XS, LoRA, full
+sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # hours: 192-token rollouts
 sweep experiments/steps.toml --out "$OUT/steps"                          # 1 and 168 numbers for 100 steps
