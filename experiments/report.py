@@ -15,6 +15,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+from tinylora.sweep import read_curve
+
 SETTING_KEYS = ("method", "n-tie", "u", "r", "tie", "v-dtype")
 
 
@@ -82,10 +84,7 @@ def seeds(rows: list[dict]) -> None:
 def learning_curve(row: dict) -> list[tuple[int, float, float | None]]:
     """(step, strict, lenient) from the base (step 0) through the `evals` column to the final evaluation."""
     points = [(0, float(row["base_acc"]), float(row["base_lenient"]) if row.get("base_lenient") else None)]
-    for pair in (row.get("evals") or "").split():
-        step, accs = pair.split(":")
-        strict, _, lenient = accs.partition("/")
-        points.append((int(step), float(strict), float(lenient) if lenient else None))
+    points += read_curve(row.get("evals") or "")
     points.append((int(row["steps"]), float(row["final_acc"]),
                    float(row["final_lenient"]) if row.get("final_lenient") else None))
     return points

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import cpu_weights, dist
 from .config import AdapterConfig
@@ -162,7 +163,6 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     from .plots import plot_run
     from .tracking import make_tracker
     from .train import Trainer
-    from tqdm.auto import tqdm
 
     model, data, adapter = model or ModelConfig(), data or DataConfig(), adapter or AdapterConfig()
     cfg, run = training or TrainConfig(), run or RunConfig()

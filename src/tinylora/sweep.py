@@ -263,6 +263,16 @@ def _curve(evals: list[dict]) -> str:
                     if "lenient_accuracy" in e else "") for e in evals)
 
 
+def read_curve(text: str) -> list[tuple[int, float, float | None]]:
+    """The `evals` column back as (step, strict, lenient or None) points."""
+    points = []
+    for pair in text.split():
+        step, accs = pair.split(":")
+        strict, _, lenient = accs.partition("/")
+        points.append((int(step), float(strict), float(lenient) if lenient else None))
+    return points
+
+
 def read_results(path: Path) -> dict[str, dict]:
     """Rows of an earlier results.csv by run name (how a sweep whose run folders are gone still knows)."""
     if not path.is_file():
@@ -295,7 +305,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     runs = load_spec(spec)
     out = Path(out)
     try:
-        chosen = [r for r in runs if only is None or re.search(only, r.name)]
+        chosen = {r.name for r in runs if only is None or re.search(only, r.name)}
     except re.error as e:
         raise ValueError(f"--only {only!r}: not a regular expression ({e})") from None
     if not chosen:
@@ -304,8 +314,9 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     # options as written; algo, method and steps get their own (resolved) result columns
     option_keys = [k for k in dict.fromkeys(k for r in runs for k in r.options) if k not in RESULT_COLUMNS]
     if dry_run:
-        for r in chosen:
-            print(f"{r.name}: tinylora train {' '.join(r.argv)}")
+        for r in runs:
+            if r.name in chosen:
+                print(f"{r.name}: tinylora train {' '.join(r.argv)}")
         return []
     (out / "runs").mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")
@@ -330,7 +341,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
             rows[r.name] = {**earlier[r.key], "name": r.name}  # finished in a sitting whose folders are gone
         else:
             rows[r.name] = result_row(r, "pending", "", None, option_keys)
-            if r in chosen:
+            if r.name in chosen:
                 todo.append(r)
     def say(*a):
         print(*a, flush=True)  # before the child writes its own lines
