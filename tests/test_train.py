@@ -189,6 +189,15 @@ def test_lr_schedule_and_data_order():
     assert step_problems(PROBLEMS, cfg, 7) == step_problems(PROBLEMS, cfg, 7)
 
 
+
+def test_torchrun_with_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    from tinylora import dist
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"local rank 1 but this machine has 1 GPU.*--nproc_per_node 1"):
+        dist.init("cuda")
+
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     from tinylora import AdapterConfig, attach

@@ -159,7 +159,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     from .adapter import attach
     from .evaluate import evaluate as score_problems
     from .io import save_adapter
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .plots import plot_run
     from .tracking import make_tracker
     from .train import Trainer
@@ -170,7 +170,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         cfg = replace(cfg, suffix="")  # the template is the whole message: no math instruction appended
     t_start = time.time()
     out = Path(run.out)
-    rank, _ = dist.init()
+    rank, _ = dist.init(resolve_device(model.device).split(":")[0])
     say = print if rank == 0 else (lambda *a, **k: None)
     net, tokenizer = load_model(model.model, model.dtype, model.device)
     ad = attach(net, adapter, progress=run.progress and rank == 0)

@@ -9,15 +9,21 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int]:
-    """(rank, world_size); starts the process group when launched by torchrun."""
+def init(device_type: str = "cpu") -> tuple[int, int]:
+    """(rank, world_size); starts the process group when launched by torchrun: NCCL with one GPU per rank when
+    the model trains on CUDA, gloo otherwise (a CPU run works on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():  # one GPU per rank
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        cuda = device_type == "cuda"
+        if cuda:
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise RuntimeError(f"torchrun started local rank {local_rank} but this machine has {gpus} GPU(s): "
+                                   f"start at most {gpus} per machine (--nproc_per_node {gpus}), or pass --device cpu")
+            torch.cuda.set_device(local_rank)
         # rank 0 evaluates alone (before, during with --eval-every, after) while the others wait in a collective:
         # a timeout of hours, not NCCL's default 10 minutes, lets a long evaluation finish
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=6))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 

@@ -129,7 +129,7 @@ class Trainer:
         self.label = label  # shown before the progress bar (a sweep puts "[3/24 ETA 1h05m]" there)
         self.model, self.tok, self.adapter, self.problems, self.cfg, self.out = model, tokenizer, adapter, \
             problems, cfg, Path(out)
-        self.rank, self.world = dist.init()
+        self.rank, self.world = dist.init(next(model.parameters()).device.type)
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the {self.world} ranks")
         self.reward = load_reward(cfg.reward)  # (completions, prompts, **columns) -> [float | None]
