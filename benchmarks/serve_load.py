@@ -127,7 +127,8 @@ def bench_serve(args) -> None:
                         "ignore_eos": True}
                 if inline:
                     config, _, tensors = read_adapter_file(ours / f"{body['model']}.safetensors")
-                    body = {**body, "model": "base", "adapter": {"config": json.loads(config.to_json()), "v": tensors["v"].tolist()}}
+                    inline = {"config": json.loads(config.to_json()), "v": tensors["v"].tolist()}
+                    body = {**body, "model": "base", "adapter": inline}
                 mine.append(body)
             out.append(mine)
         return out

@@ -47,7 +47,8 @@ def test_sample_categorical_draws_the_given_probabilities():
     assert ((freq[:11] - p).abs() <= 5 * sigma + 1e-12).all(), freq
     edge = torch.zeros(3, 11)
     edge[0, 0] = edge[1, 10] = edge[2, 7] = 1.0  # all mass on one entry, including the last real one
-    assert sample_categorical(edge, torch.rand(3, 1, generator=torch.Generator().manual_seed(1)), block=4).tolist() == [0, 10, 7]
+    u = torch.rand(3, 1, generator=torch.Generator().manual_seed(1))
+    assert sample_categorical(edge, u, block=4).tolist() == [0, 10, 7]
     a, b = (sample_categorical(p.expand(50, -1), torch.rand(50, 1, generator=torch.Generator().manual_seed(3)), block=4)
             for _ in range(2))
     assert torch.equal(a, b)

@@ -24,7 +24,8 @@ KEY = "sk-test"
 CONFIGS = [AdapterConfig(u=2, n_tie=4), AdapterConfig(u=1, n_tie=3), AdapterConfig(u=3, n_tie=1, seed=7),
            AdapterConfig(method="lora-xs", n_tie=2)]
 PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44 t45 t46", "t50", "t60 t61", "1 + 2 ="]
-TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t99 {% endif %}"
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}t99 {% endif %}")
 
 
 def model_and_tokenizer():
@@ -135,7 +136,8 @@ def test_inline_adapter_equals_the_same_adapter_loaded(served):
     config, _, tensors = read_adapter_file(served.paths[2])
     inline = {"config": json.loads(config.to_json()), "v": tensors["v"].tolist()}
     c = served.client()
-    a = c.completions.create(model=BASE, prompt=PROMPTS[3], max_tokens=10, temperature=0, extra_body={"adapter": inline})
+    a = c.completions.create(model=BASE, prompt=PROMPTS[3], max_tokens=10, temperature=0,
+                             extra_body={"adapter": inline})
     b = c.completions.create(model="user2", prompt=PROMPTS[3], max_tokens=10, temperature=0)
     assert a.choices[0].text == b.choices[0].text
 
@@ -158,7 +160,8 @@ def test_seeded_sampling_n_and_stop(served):
     assert 1 <= chunks[-1].usage.completion_tokens <= 5
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
     eos_id = served.server.tokenizer.eos_token_id  # ignore_eos: exactly max_tokens tokens, EOS or not
-    long = c.completions.create(model=BASE, prompt=[eos_id], max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    long = c.completions.create(model=BASE, prompt=[eos_id], max_tokens=30, temperature=0,
+                                extra_body={"ignore_eos": True})
     assert long.usage.completion_tokens == 30 and long.choices[0].finish_reason == "length"
 
 
@@ -180,7 +183,8 @@ def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):
         (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"bogus": 1}, "v": [[1.0]]}}),
          openai.BadRequestError, "bogus"),
         (dict(model="user1", prompt="t20", extra_body={"adapter": {"v": [[1.0]]}}), openai.BadRequestError, "base"),
-        (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"u": 10 ** 9, "n_tie": "all"}, "v": [[1.0]]}}),
+        (dict(model=BASE, prompt="t20",
+              extra_body={"adapter": {"config": {"u": 10 ** 9, "n_tie": "all"}, "v": [[1.0]]}}),
          openai.BadRequestError, "shape"),  # refused before P (u × r × r per module) is built
         (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"n_tie": "all"}, "v": [[1e30]]}}),
          openai.BadRequestError, "refused"),

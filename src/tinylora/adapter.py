@@ -70,7 +70,7 @@ class Adapter(nn.Module):
         self.merged = False
         self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
-        self._row_R: torch.Tensor | None = None  # [batch, n_modules, r, r] s·R per row, while rows differ (bank, engine)
+        self._row_R: torch.Tensor | None = None  # [batch, n_modules, r, r] s·R per row, while rows differ
         self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._casts: dict = {}  # frozen factors cast to the activations' dtype (see _factor)

@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="sweep spec (.toml)")
     p.add_argument("--out", required=True, help="sweep folder: runs/, results.csv, accuracy_vs_params.png")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their train flags, run nothing")
-    p.add_argument("--only", metavar="REGEX", help="run only the runs whose name (as --dry-run lists them, e.g. "
-                   "'algo=grpo,lr=1e-06') the regular expression finds, e.g. '^algo=grpo,'; the others stay as they are")
+    p.add_argument("--only", metavar="REGEX", help="run only the runs whose name (as --dry-run lists them, "
+                   "e.g. 'algo=grpo,lr=1e-06') the regular expression finds, e.g. '^algo=grpo,'; "
+                   "the others stay as they are")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
     p.set_defaults(func=cmd_sweep)
 

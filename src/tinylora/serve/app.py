@@ -271,7 +271,8 @@ class Run:
                 if text or finish:
                     yield self.chunk(index, text, finish)
             if self.include_usage:
-                yield f"data: {json.dumps({**self.head(), 'object': self._chunk_object(), 'choices': [], 'usage': self.usage()})}\n\n"
+                last = {**self.head(), "object": self._chunk_object(), "choices": [], "usage": self.usage()}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client left mid-stream: free its rows
             self.cancel_open()
