@@ -2,6 +2,7 @@
 
     python experiments/report.py runs/param_curve --kind curve     # best learning rate per size and algorithm
     python experiments/report.py runs/ablations --kind seeds       # each setting over its seeds
+    python experiments/report.py runs/seeds --kind seeds           # the headline sizes over three seeds
     python experiments/report.py runs/steps --kind steps           # accuracy at each --eval-every step
 
 Every number printed is a cell of results.csv (fractions shown as percentages); run names trace them.
@@ -42,19 +43,19 @@ def curve(rows: list[dict]) -> None:
     """One line per (algorithm, size): the run with the best final strict accuracy over its learning rates."""
     done = [r for r in rows if r["status"] == "done"]
     best: dict[tuple, dict] = {}
-    tried: dict[tuple, list[str]] = {}
+    tried: dict[tuple, list[tuple[float, str]]] = {}
     for r in done:
         key = (r["algo"], int(r["trainable_params"]), setting(r))
-        tried.setdefault(key, []).append(f"{lr(r)}: {pct(r, 'final_acc', ci=False)}")
+        tried.setdefault(key, []).append((float(r["lr"] or 0), f"{lr(r)}: {pct(r, 'final_acc', ci=False)}"))
         if key not in best or float(r["final_acc"]) > float(best[key]["final_acc"]):
             best[key] = r
     print("| algo | trained numbers | setting | best lr | final strict [95% CI] | final lenient [95% CI] "
           "| strict by lr | run |")
     print("|---|---|---|---|---|---|---|---|")
     for key in sorted(best, key=lambda k: (k[0], k[1])):
-        r = best[key]
+        r, by_lr = best[key], "; ".join(text for _, text in sorted(tried[key]))
         print(f"| {r['algo'].upper()} | {int(r['trainable_params']):,} | {key[2]} | {lr(r)} | "
-              f"{pct(r, 'final_acc')} | {pct(r, 'final_lenient')} | {'; '.join(tried[key])} | `{r['name']}` |")
+              f"{pct(r, 'final_acc')} | {pct(r, 'final_lenient')} | {by_lr} | `{r['name']}` |")
     bases = {(r["base_acc"], r["base_lenient"]) for r in done}
     for acc, len_ in sorted(bases):
         print(f"\nBase model: strict {100 * float(acc):.1f}%, lenient {100 * float(len_):.1f}% (n = "
@@ -65,18 +66,21 @@ def curve(rows: list[dict]) -> None:
 
 
 def seeds(rows: list[dict]) -> None:
-    """One line per setting: each seed's final strict/lenient accuracy and their mean."""
+    """One line per setting (algorithm, learning rate, adapter): each seed's final strict/lenient accuracy and
+    their mean."""
     done = [r for r in rows if r["status"] == "done"]
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in done:
-        groups.setdefault(setting(r), []).append(r)
-    print("| setting | trained numbers | final strict by seed | mean strict | final lenient by seed | mean lenient |")
-    print("|---|---|---|---|---|---|")
-    for name, rs in groups.items():
+        groups.setdefault((r.get("algo", "").upper(), lr(r), setting(r)), []).append(r)
+    print("| algo | lr | setting | trained numbers | seeds | final strict by seed | mean strict "
+          "| final lenient by seed | mean lenient |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (algo, rate, name), rs in groups.items():
         rs.sort(key=lambda r: int(r.get("seed") or 0))
         strict = [100 * float(r["final_acc"]) for r in rs]
         lenient = [100 * float(r["final_lenient"]) for r in rs]
-        print(f"| {name} | {rs[0]['trainable_params']} | {', '.join(f'{x:.1f}' for x in strict)} | "
+        print(f"| {algo} | {rate} | {name} | {int(rs[0]['trainable_params']):,} | "
+              f"{', '.join(r.get('seed') or '0' for r in rs)} | {', '.join(f'{x:.1f}' for x in strict)} | "
               f"{statistics.mean(strict):.1f} | {', '.join(f'{x:.1f}' for x in lenient)} | "
               f"{statistics.mean(lenient):.1f} |")
 
