@@ -1,6 +1,8 @@
 """The typed Python API and the features beyond the demo: your own data and reward, devices, tracking."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -197,6 +199,29 @@ def test_eval_every_adds_a_learning_curve_and_leaves_training_untouched(peaked_m
     assert all(0 <= e["accuracy"] <= 1 for e in curve)
     assert (tmp_path / "1" / "eval_step2.jsonl").is_file()
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+def test_gpu_train_with_eval_every_then_resume(peaked_model, tmp_path):
+    model_dir, good = peaked_model
+    data_file, reward_file = write_task(tmp_path, good)
+    model = ModelConfig(model=model_dir, device="cuda")  # bf16, the adapter as hooks
+    data = DataConfig(data=str(data_file), prompt_template="{word} ?", eval_n=4)
+    cfg = TrainConfig(steps=4, lr=0.1, batch_prompts=4, group_size=4, max_new_tokens=4, temperature=1.0,
+                      warmup=0.0, reward=f"{reward_file}:planted", system="")
+    whole = train(model, data, AdapterConfig(u=1, n_tie="all"), cfg,
+                  RunConfig(out=str(tmp_path / "whole"), progress=False, eval_every=1))
+    assert [e["step"] for e in whole["evals_during"]] == [1, 2, 3] and whole["final_eval"] is not None
+    # two steps, then resumed to four: the curve and the metrics continue where they stopped
+    train(model, data, AdapterConfig(u=1, n_tie="all"), replace(cfg, steps=2),
+          RunConfig(out=str(tmp_path / "split"), progress=False, eval_every=1))
+    resumed = train(model, data, AdapterConfig(u=1, n_tie="all"), cfg,
+                    RunConfig(out=str(tmp_path / "split"), progress=False, eval_every=1, resume=True))
+    assert [e["step"] for e in resumed["evals_during"]] == [1, 2, 3]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
+    v = [json.loads(x)["v"] for x in lines]
+    assert all(math.isfinite(x) for row in v for x in (row if isinstance(row, list) else [row]))
 
 def test_eval_every_must_be_a_count():
     with pytest.raises(ValueError, match="eval_every"):
