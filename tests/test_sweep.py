@@ -164,6 +164,21 @@ def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, cap
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["u=2,n-tie=1", "u=2,n-tie=all", "u=3,n-tie=1"]
 
 
+
+def test_the_same_flags_in_another_order_are_the_same_run(model_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, model_dir, steps=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    # u moves from [shared] into the run entry, before n-tie, and the default seed is spelled out
+    body = spec.read_text().replace("u = 2\n", "").replace('[[run]]\n', '[[run]]\nseed = 0\nu = 2\n')
+    spec.write_text(body)
+    assert load_spec(spec)[0].argv[-4:] == ["--u", "2", "--n-tie", "all"]  # the flags did move
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+    spec.write_text(body.replace("u = 2", "u = 3"))  # other flags: a folder of that name is refused
+    assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) != 0
+    assert "n-tie=all was made with other options" in capsys.readouterr().err
+
 def test_only_runs_the_matching_runs_and_leaves_the_rest_pending(model_dir, tmp_path, capsys):
     spec = write_spec(tmp_path, model_dir, steps=1)
     out = tmp_path / "out"

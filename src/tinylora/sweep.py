@@ -326,13 +326,14 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         raise ValueError(f"another `tinylora sweep` is running in {out}") from None
     results_path = out / "results.csv"
     earlier = {row.get("run_key"): row for row in read_results(results_path).values()}
-    _adopt_renamed_runs(runs, out)
+    parser = train_parser()
+    _adopt_renamed_runs(runs, out, parser)
     rows: dict[str, dict] = {}
     todo = []
     for r in runs:
         d = out / "runs" / r.name
         made = d / "run.json"
-        if made.is_file() and _made_with(made) != r.argv:
+        if made.is_file() and not _same_flags(_made_with(made), r.argv, parser):
             raise ValueError(f"{d} was made with other options than the spec now gives run {r.name!r}; "
                              "delete or rename that folder to rerun it")
         if is_done(r, d):
@@ -388,6 +389,20 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     return ordered
 
 
+def _flags(argv: list[str], parser: argparse.ArgumentParser) -> str:
+    """What a run is: its train flags parsed, defaults filled in, so their order in a spec does not matter."""
+    return json.dumps(vars(parser.parse_args(argv)), sort_keys=True, default=str)
+
+
+def _same_flags(made: list[str] | None, argv: list[str], parser: argparse.ArgumentParser) -> bool:
+    if made is None or made == argv:
+        return made is not None
+    try:
+        return _flags(made, parser) == _flags(argv, parser)
+    except ValueError:  # flags this version no longer knows
+        return False
+
+
 def _made_with(run_json: Path) -> list[str] | None:
     try:
         return json.loads(run_json.read_text())["argv"]
@@ -395,16 +410,19 @@ def _made_with(run_json: Path) -> list[str] | None:
         return None
 
 
-def _adopt_renamed_runs(runs: list[Run], out: Path) -> None:
+def _adopt_renamed_runs(runs: list[Run], out: Path, parser: argparse.ArgumentParser) -> None:
     """A run is its options, not its name: names change when the spec grows a new varying option, so a
     folder made with the same train flags under another name is renamed, not run again."""
-    by_argv = {}
+    by_flags = {}
     for made in (out / "runs").glob("*/run.json"):
         argv = _made_with(made)
         if argv is not None:
-            by_argv[json.dumps(argv)] = made.parent
+            try:
+                by_flags[_flags(argv, parser)] = made.parent
+            except ValueError:
+                continue
     for r in runs:
-        d, old = out / "runs" / r.name, by_argv.get(json.dumps(r.argv))
+        d, old = out / "runs" / r.name, by_flags.get(_flags(r.argv, parser))
         if old is not None and old != d and not d.exists():
             old.rename(d)
 
