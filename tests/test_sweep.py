@@ -96,6 +96,10 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, ca
     assert done["status"] == "done" and done["trainable_params"] == "2" and done["steps"] == "2"
     for k in ("base_acc", "base_lenient", "final_acc_lo", "final_lenient_hi", "adapter_bytes", "wall_seconds"):
         assert done[k] != "", k
+    # GRPO's training signal, from the run's metrics.jsonl
+    metrics = [json.loads(x) for x in (out / "runs" / "n-tie=all" / "metrics.jsonl").read_text().splitlines()]
+    assert float(done["train_reward_start"]) == pytest.approx(sum(m["reward_mean"] for m in metrics) / 2, abs=1e-4)
+    assert float(done["zero_std_frac"]) == pytest.approx(sum(m["zero_std_frac"] for m in metrics) / 2, abs=1e-4)
     assert (out / "accuracy_vs_params.png").is_file()
     # the second run's base evaluation was shared, not recomputed
     summaries = [json.loads((out / "runs" / n / "summary.json").read_text()) for n in ("n-tie=all", "n-tie=1")]

@@ -44,7 +44,7 @@ EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_te
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
                   "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
-                  "evals", "wall_seconds", "train_seconds")
+                  "evals", "train_reward_start", "train_reward_end", "zero_std_frac", "wall_seconds", "train_seconds")
 TIME_COLUMNS = ("wall_seconds", "train_seconds")
 
 
@@ -236,7 +236,24 @@ _stop = threading.Event()  # set by Ctrl-C / SIGTERM: no new run starts
 
 
 # ---- results -------------------------------------------------------------------------------------
-def result_row(run: Run, status: str, error: str, summary: dict | None, option_keys: list[str]) -> dict:
+def train_signal(metrics: Path, window: int = 5) -> dict:
+    """GRPO's training signal from metrics.jsonl: the mean sampled reward over the first and the last `window`
+    steps, and the mean fraction of groups whose samples all scored the same (no advantage, no gradient)."""
+    try:
+        steps = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return {}
+    steps = [m for m in steps if "reward_mean" in m and "zero_std_frac" in m]
+    if not steps:
+        return {}
+    def mean(key, ms):
+        return round(sum(m[key] for m in ms) / len(ms), 4)
+    return {"train_reward_start": mean("reward_mean", steps[:window]),
+            "train_reward_end": mean("reward_mean", steps[-window:]), "zero_std_frac": mean("zero_std_frac", steps)}
+
+
+def result_row(run: Run, status: str, error: str, summary: dict | None, option_keys: list[str],
+               run_dir: Path | None = None) -> dict:
     row = {"name": run.name, "status": status, "error": error, "run_key": run.key}
     row.update({k: run.options.get(k, "") for k in option_keys})
     row.update(algo=run.args.algo, method=run.args.method, steps=run.args.steps)
@@ -248,6 +265,8 @@ def result_row(run: Run, status: str, error: str, summary: dict | None, option_k
                    n_eval=final.get("n_samples", base.get("n_samples", "")),
                    wall_seconds=summary["wall_seconds"], train_seconds=summary["train_seconds"],
                    evals=_curve(summary.get("evals_during") or []))
+        if run_dir is not None:
+            row.update(train_signal(run_dir / "metrics.jsonl"))
         for prefix, e in (("base", base), ("final", final)):
             for name, key in (("acc", ""), ("lenient", "lenient_")):
                 if key + "accuracy" in e:
@@ -337,7 +356,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
             raise ValueError(f"{d} was made with other options than the spec now gives run {r.name!r}; "
                              "delete or rename that folder to rerun it")
         if is_done(r, d):
-            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys)
+            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys, d)
         elif earlier.get(r.key, {}).get("status") == "done" and not d.exists():
             rows[r.name] = {**earlier[r.key], "name": r.name}  # finished in a sitting whose folders are gone
         else:
@@ -368,12 +387,12 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         rc, err = run_one(r, d, label, progress)
         if is_done(r, d):
             durations.append(time.time() - t0)
-            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys)
+            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys, d)
             say(f"{label}{r.name}: done, {_accuracies(rows[r.name])}")
         elif _stop.is_set():
             say(f"{label}{r.name}: interrupted; rerun the same command to continue from its checkpoint")
         else:
-            rows[r.name] = result_row(r, "failed", err or f"exit code {rc}", summary_of(d), option_keys)
+            rows[r.name] = result_row(r, "failed", err or f"exit code {rc}", summary_of(d), option_keys, d)
             say(f"{label}{r.name}: FAILED: {rows[r.name]['error']}")
         ordered = [rows[x.name] for x in runs]
         write_results(results_path, ordered, option_keys)
