@@ -21,6 +21,7 @@ sweep() {
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie='  # GRPO, u=1, every rate
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16'        # 11 numbers for 100 steps
 sweep experiments/seeds.toml --out "$OUT/seeds" --only 'seed=[01]$'      # 11 and 168 numbers, second seed
+sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=1$'        # 168 numbers for 100 steps
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie='   # SFT, u=1, every rate
 sweep experiments/seeds.toml --out "$OUT/seeds"                          # third seed
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # rank, tying, v dtype
