@@ -106,3 +106,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, tmp_pat
     full = load_file(str(tmp_path / "full" / "adapter.safetensors"))["v"]
     assert resumed.equal(full)
     assert len(metrics.read_text().splitlines()) == 40
+    # the run's cost counts both sittings
+    whole = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert whole["sittings"] == 2 and whole["wall_seconds"] > summary["wall_seconds"]
+    assert whole["train_seconds"] > summary["train_seconds"]

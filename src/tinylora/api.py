@@ -222,8 +222,27 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
             tracker.log_eval("during", e)
         return {k: e[k] for k in ("step", "accuracy", "ci95", "lenient_accuracy", "lenient_ci95") if k in e}
 
+    # a run's cost over all its sittings: each step records the time spent so far, so a resumed run adds to it
+    spent_path = out / "time_spent.json"
+    spent = {"wall_seconds": 0.0, "train_seconds": 0.0, "sittings": 0}
+    if run.resume and spent_path.is_file():
+        try:
+            spent.update(json.loads(spent_path.read_text()))
+        except ValueError:  # unreadable: count from here
+            pass
     t_train = time.time()
-    history = trainer.fit(resume=run.resume, on_step=tracker.log if tracker else None, eval_every=run.eval_every,
+
+    def on_step(m: dict) -> None:
+        if rank == 0:
+            now, tmp = time.time(), spent_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"wall_seconds": spent["wall_seconds"] + now - t_start,
+                                       "train_seconds": spent["train_seconds"] + now - t_train,
+                                       "sittings": spent["sittings"] + 1}))
+            os.replace(tmp, spent_path)  # a kill leaves the old file or the new one
+        if tracker:
+            tracker.log(m)
+
+    history = trainer.fit(resume=run.resume, on_step=on_step, eval_every=run.eval_every,
                           on_eval=eval_during if eval_problems and rank == 0 else None)
     t_train = time.time() - t_train
     if rank != 0:
@@ -245,8 +264,9 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         "trainable_params": ad.num_trainable(), "adapter_file": str(adapter_path),
         "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
         "base_eval": base, "base_eval_reused": base_reused, "final_eval": final, "evals_during": during,
-        "train_seconds": round(t_train, 1),
-        "wall_seconds": round(time.time() - t_start, 1),
+        "train_seconds": round(spent["train_seconds"] + t_train, 1),
+        "wall_seconds": round(spent["wall_seconds"] + time.time() - t_start, 1),
+        "sittings": spent["sittings"] + 1,
         "mean_step_seconds": round(sum(m["step_time"] for m in history) / max(len(history), 1), 2),
         "rollout_tokens_per_s": round(sum(m["tokens_per_s"] for m in steps_done) / max(len(steps_done), 1), 1),
         "stopped_early": trainer.stop_requested,
