@@ -18,11 +18,11 @@ sweep() {
     child=""
     if [ $rc -ge 128 ]; then exit $rc; fi  # interrupted or killed: stop here, rerun to continue
 }
-sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie='  # GRPO, u=1, every rate
+sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie=[^,]+,lr=[^,]+$'  # GRPO, u=1, every rate
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16'        # 11 numbers for 100 steps
 sweep experiments/seeds.toml --out "$OUT/seeds" --only 'seed=[01]$'      # 11 and 168 numbers, second seed
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=1$'        # 168 numbers for 100 steps
-sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie='   # SFT, u=1, every rate
+sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie=[^,]+,lr=[^,]+$'   # SFT, u=1, every rate
 sweep experiments/seeds.toml --out "$OUT/seeds"                          # third seed
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # rank, tying, v dtype
 sweep experiments/param_curve.toml --out "$OUT/param_curve"              # u=4, LoRA-XS, LoRA, full

@@ -87,7 +87,7 @@ def test_bf16_model_runs(ids):
 def test_lora_xs_trains_full_r_by_r_per_group(ids):
     from tinylora.testing import tiny_model
     model = tiny_model("qwen3")
-    adapter = attach(model, AdapterConfig(method="lora-xs", r=3))
+    adapter = attach(model, AdapterConfig(method="lora-xs", r=3, n_tie=1))
     assert adapter.num_trainable() == 21 * 9 == adapter.v.numel()
     with torch.no_grad():
         adapter.v[0].copy_(torch.arange(9.0))

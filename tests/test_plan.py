@@ -57,7 +57,7 @@ def test_other_counts():
     assert count("Qwen/Qwen2.5-7B-Instruct", AdapterConfig(u=1, n_tie="all"))["trainable_params"] == 1
     lora = count("Qwen/Qwen2.5-7B-Instruct", AdapterConfig(method="lora", r=1))["trainable_params"]
     assert lora == 2_523_136  # the paper's "~2.5M" for rank-1 LoRA on all 7 projections
-    assert count("Qwen/Qwen2.5-7B-Instruct", AdapterConfig(method="lora-xs"))["trainable_params"] == 196 * 4
+    assert count("Qwen/Qwen2.5-7B-Instruct", AdapterConfig(method="lora-xs", n_tie=1))["trainable_params"] == 196 * 4
     assert count("meta-llama/Llama-3.1-8B", AdapterConfig(method="full"))["trainable_params"] == 8_030_261_248
 
 

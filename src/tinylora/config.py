@@ -23,7 +23,8 @@ class AdapterConfig:
     method: str = field(default="tinylora", metadata={"help": f"one of {', '.join(METHODS)}"})
     r: int = field(default=2, metadata={"help": "rank of the frozen truncated SVD (tinylora, lora-xs) or of LoRA"})
     u: int = field(default=1, metadata={"help": "tinylora: trainable numbers per tied group"})
-    n_tie: int | str = field(default=1, metadata={"help": "modules per tied group; 'all' ties every module to one v"})
+    n_tie: int | str = field(default=16, metadata={"help": "modules per tied group (16: the paper's tying, 13 numbers "
+                                                           "on a 7B model); 'all' ties every module to one v"})
     tie: str = field(default="tiled", metadata={"help": "'tiled': consecutive modules in depth order; "
                                                         "'structured': same module type across consecutive layers"})
     targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS),

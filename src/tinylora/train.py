@@ -41,7 +41,7 @@ class TrainConfig:
     group_size: int = field(default=4, metadata={"help": "G: samples per prompt (GRPO)"})
     max_new_tokens: int = field(default=32, metadata={"help": "completion length limit"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts"})
-    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate of v"})
+    lr: float = field(default=3e-2, metadata={"help": "AdamW learning rate of v"})
     schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warmup",
                                                         "choices": ("constant", "cosine")})
     warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
