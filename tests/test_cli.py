@@ -12,6 +12,9 @@ def test_count_json(capsys):
     c = json.loads(capsys.readouterr().out)
     assert c["trainable_params"] == 13 and c["modules"] == 196 and c["groups"] == 13
     assert c["bytes"] == {"fp32": 52, "bf16": 26, "fp16": 26}
+    # with no --n-tie: the paper's tying, the same default as AdapterConfig and `tinylora train`
+    assert main(["count", "--model", "Qwen/Qwen2.5-7B-Instruct", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == 13
 
 
 def test_count_table_and_lora(capsys):

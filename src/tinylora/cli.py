@@ -11,7 +11,8 @@ from dataclasses import fields
 from .config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
 
 
-def add_adapter_args(p: argparse.ArgumentParser, n_tie: str = "1", seed: bool = True) -> None:
+def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    n_tie = AdapterConfig.__dataclass_fields__["n_tie"].default  # one default, the dataclass's
     g = p.add_argument_group("adapter")
     g.add_argument("--method", choices=METHODS, default="tinylora", help="what is trained (default: tinylora)")
     g.add_argument("--r", type=int, default=2, help="frozen SVD rank, or LoRA rank (default: 2)")
@@ -142,7 +143,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
     add_config_args(p.add_argument_group("model"), ModelConfig)
     add_config_args(p.add_argument_group("data"), DataConfig)
-    add_adapter_args(p, n_tie="1", seed=False)
+    add_adapter_args(p, seed=False)
     add_config_args(p.add_argument_group("training"), TrainConfig)
     add_config_args(p.add_argument_group("run"), RunConfig)
 
