@@ -414,10 +414,10 @@ def _flags(argv: list[str], parser: argparse.ArgumentParser) -> str:
 
 
 def _same_flags(made: list[str] | None, argv: list[str], parser: argparse.ArgumentParser) -> bool:
-    if made is None or made == argv:
-        return made is not None
+    if made is None:
+        return False
     try:
-        return _flags(made, parser) == _flags(argv, parser)
+        return made == argv or _flags(made, parser) == _flags(argv, parser)
     except ValueError:  # flags this version no longer knows
         return False
 
