@@ -26,5 +26,5 @@ sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-
 sweep experiments/seeds.toml --out "$OUT/seeds"                          # third seed
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # rank, tying, v dtype
 sweep experiments/param_curve.toml --out "$OUT/param_curve"              # u=4, LoRA-XS, LoRA, full
-sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # hours: 192-token rollouts
+sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # hours: 320-token rollouts
 sweep experiments/steps.toml --out "$OUT/steps"                          # 1 number for 100 steps
