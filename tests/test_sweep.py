@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tinylora.cli import main
-from tinylora.sweep import TIME_COLUMNS, load_spec
+from tinylora.sweep import TIME_COLUMNS, _child_setup, load_spec
 from tinylora.testing import tiny_model_and_tokenizer
 
 
@@ -197,3 +197,20 @@ def test_only_runs_the_matching_runs_and_leaves_the_rest_pending(model_dir, tmp_
         assert main(["sweep", str(spec), "--out", str(out), "--only", bad]) != 0
         err = capsys.readouterr().err
         assert "--only" in err and message in err, err
+
+
+def test_training_child_takes_sigint_even_when_the_sweep_was_started_ignoring_it():
+    # `tinylora sweep ... &` in a script starts the sweep with SIGINT ignored, and exec keeps an ignored
+    # signal ignored: the child would then run through evaluations deaf to the stop the sweep forwards
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        parent = os.getpid()
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             preexec_fn=lambda: _child_setup(parent)).stdout
+        ignored_without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                         check=True).stdout
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert ignored_without.strip() == "True"  # the probe does see an inherited ignore
+    assert out.strip() == "False"

@@ -169,8 +169,12 @@ except OSError:  # not Linux: no parent-death signal, the child may outlive a ki
     _LIBC = None
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child: Linux sends it SIGKILL when the sweep dies, even by kill -9 (no orphaned training)."""
+def _child_setup(parent: int) -> None:
+    """In the child, before exec. SIGINT is the sweep's stop request, so the child must take it even when
+    the sweep itself ignores it (a script's `tinylora sweep ... &` starts with SIGINT ignored, and an
+    ignored signal stays ignored across exec). Linux sends the child SIGKILL when the sweep dies, even by
+    kill -9 (no orphaned training)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the sweep died before prctl took effect
@@ -187,7 +191,7 @@ def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, s
         # its own session: a terminal's Ctrl-C reaches only the sweep, which passes it on once
         parent = os.getpid()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                preexec_fn=lambda: _die_with_parent(parent))
+                                preexec_fn=lambda: _child_setup(parent))
         tail = bytearray()
 
         def relay():  # the child's progress bars and errors: shown live, the end kept for the error
