@@ -66,20 +66,22 @@ def curve(rows: list[dict]) -> None:
 
 
 def seeds(rows: list[dict]) -> None:
-    """One line per setting (algorithm, learning rate, adapter): each seed's final strict/lenient accuracy and
-    their mean."""
+    """One line per setting (algorithm, learning rate, adapter): the bits its v takes, each seed's final
+    strict/lenient accuracy and their mean."""
     done = [r for r in rows if r["status"] == "done"]
     groups: dict[tuple, list[dict]] = {}
     for r in done:
         groups.setdefault((r.get("algo", "").upper(), lr(r), setting(r)), []).append(r)
-    print("| algo | lr | setting | trained numbers | seeds | final strict by seed | mean strict "
+    print("| algo | lr | setting | trained numbers | bits of v | seeds | final strict by seed | mean strict "
           "| final lenient by seed | mean lenient |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (algo, rate, name), rs in groups.items():
         rs.sort(key=lambda r: int(r.get("seed") or 0))
         strict = [100 * float(r["final_acc"]) for r in rs]
         lenient = [100 * float(r["final_lenient"]) for r in rs]
-        print(f"| {algo} | {rate} | {name} | {int(rs[0]['trainable_params']):,} | "
+        numbers = int(rs[0]["trainable_params"])
+        bits = numbers * (16 if rs[0].get("v-dtype") in ("bf16", "fp16") else 32)  # v is fp32 unless told
+        print(f"| {algo} | {rate} | {name} | {numbers:,} | {bits:,} | "
               f"{', '.join(r.get('seed') or '0' for r in rs)} | {', '.join(f'{x:.1f}' for x in strict)} | "
               f"{statistics.mean(strict):.1f} | {', '.join(f'{x:.1f}' for x in lenient)} | "
               f"{statistics.mean(lenient):.1f} |")
