@@ -11,7 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from tinylora.cli import main
-from tinylora.sweep import TIME_COLUMNS, _child_setup, load_spec
+from tinylora.sweep import _child_setup, load_spec
+from tinylora.sweep_results import TIME_COLUMNS
 from tinylora.testing import tiny_model_and_tokenizer
 
 
