@@ -146,7 +146,7 @@ def main() -> None:
     if args.kind == "steps":  # accuracy against steps, not against trained numbers
         steps(rows, plot=args.docs / f"{name}.png")
         return
-    if (args.sweep / "accuracy_vs_params.png").is_file():
+    if args.kind == "curve" and (args.sweep / "accuracy_vs_params.png").is_file():  # "best per size" plot:
         shutil.copyfile(args.sweep / "accuracy_vs_params.png", args.docs / f"{name}.png")
     (curve if args.kind == "curve" else seeds)(rows)
 
