@@ -146,7 +146,8 @@ def main() -> None:
     if args.kind == "steps":  # accuracy against steps, not against trained numbers
         steps(rows, plot=args.docs / f"{name}.png")
         return
-    if args.kind == "curve" and (args.sweep / "accuracy_vs_params.png").is_file():  # "best per size" plot:
+    # the sweep's plot keeps the best run per size: the curve, not settings or seeds at one size
+    if args.kind == "curve" and (args.sweep / "accuracy_vs_params.png").is_file():
         shutil.copyfile(args.sweep / "accuracy_vs_params.png", args.docs / f"{name}.png")
     (curve if args.kind == "curve" else seeds)(rows)
 
