@@ -3,7 +3,7 @@ import json
 import torch
 
 from tinylora import AdapterConfig, attach, save_adapter
-from tinylora.cli import main
+from tinylora.cli import build_parser, main
 from tinylora.testing import tiny_model
 
 
@@ -29,6 +29,12 @@ def test_count_errors_are_one_line(capsys, monkeypatch):
     assert "Known ids" in capsys.readouterr().err
     assert main(["count", "--model", "Qwen/Qwen3-0.6B", "--targets", "zz_proj"]) == 2
     assert "available module names" in capsys.readouterr().err
+
+
+def test_export_and_merge_load_fp32_on_every_device():
+    # `auto` would load bf16 on a GPU, where most of a TinyLoRA update (~1e-3 of each weight) rounds away
+    for cmd in ("export", "merge"):
+        assert build_parser().parse_args([cmd, "--model", "m", "--adapter", "a", "--out", "o"]).dtype == "fp32"
 
 
 def test_info_and_export(tmp_path, capsys):

@@ -16,10 +16,11 @@ def model_dir(tmp_path):
 
 
 def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
-    out = tmp_path / "run"
+    # the CPU paths (packed rollouts, merged vs packed generation), also on a machine with a GPU
+    out, cpu = tmp_path / "run", ["--device", "cpu"]
     args = ["train", "--model", model_dir, "--steps", "3", "--batch-prompts", "2", "--group-size", "4",
             "--max-new-tokens", "6", "--eval-n", "6", "--n", "20", "--n-tie", "all", "--u", "2", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", *cpu]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and "2 parameters" in text
@@ -55,7 +56,8 @@ def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
     completions = {}
     for weights in ("merged", "packed") if cpu_weights.packed_available() else ("merged",):
         assert main(["eval", "--model", model_dir, "--adapter", str(out / "adapter.safetensors"), "--n", "6",
-                     "--max-new-tokens", "6", "--json", "--weights", weights, "--out", str(tmp_path / "w.jsonl")]) == 0
+                     "--max-new-tokens", "6", "--json", "--weights", weights, "--out", str(tmp_path / "w.jsonl"),
+                     *cpu]) == 0
         lines = (tmp_path / "w.jsonl").read_text().splitlines()
         completions[weights] = [json.loads(line)["completion"] for line in lines]
     assert len(set(map(tuple, completions.values()))) == 1
