@@ -102,6 +102,9 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, ca
     assert float(done["train_reward_start"]) == pytest.approx(sum(m["reward_mean"] for m in metrics) / 2, abs=1e-4)
     assert float(done["zero_std_frac"]) == pytest.approx(sum(m["zero_std_frac"] for m in metrics) / 2, abs=1e-4)
     assert (out / "accuracy_vs_params.png").is_file()
+    # finished runs drop the checkpoint only resuming needs (the broken run failed before its first step)
+    assert (out / "runs" / "n-tie=all" / "adapter.safetensors").is_file()
+    assert not list((out / "runs").glob("*/checkpoint.safetensors"))
     # the second run's base evaluation was shared, not recomputed
     summaries = [json.loads((out / "runs" / n / "summary.json").read_text()) for n in ("n-tie=all", "n-tie=1")]
     assert [s["base_eval_reused"] for s in summaries] == [False, True]

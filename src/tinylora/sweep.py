@@ -12,8 +12,8 @@
 Each run is its own `tinylora train --resume` process in DIR/runs/NAME/ (NAME: the options that vary
 across the sweep), so a failed run (bad value, out of memory) is recorded with its error and the sweep
 goes on, and an interrupted one continues from its last checkpoint: Ctrl-C or kill -9 loses at most the
-step in flight. Finished runs are skipped, also when only DIR/results.csv survives. After every run
-DIR/results.csv (one row per run) and DIR/accuracy_vs_params.png are rewritten.
+step in flight. Finished runs are skipped, also when only DIR/results.csv survives, and keep all but their
+checkpoint. After every run DIR/results.csv (one row per run) and DIR/accuracy_vs_params.png are rewritten.
 """
 
 from __future__ import annotations
@@ -312,6 +312,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         rc, err = run_one(r, d, label, progress)
         if is_done(r, d):
             durations.append(time.time() - t0)
+            (d / "checkpoint.safetensors").unlink(missing_ok=True)  # only for resuming: GBs in full fine-tuning
             rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys, d)
             say(f"{label}{r.name}: done, {_accuracies(rows[r.name])}")
         elif _stop.is_set():
