@@ -20,9 +20,9 @@ sweep() {
 }
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie=[^,]+,lr=[^,]+$'  # GRPO, u=1, every rate
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16'        # 11 numbers for 100 steps
-sweep experiments/seeds.toml --out "$OUT/seeds" --only 'seed=[01]$'      # 11 and 168 numbers, second seed
+sweep experiments/seeds.toml --out "$OUT/seeds" --only 'seed=[01]$'      # GRPO and SFT at 11 and 168 numbers, second seed
 sweep experiments/ablations.toml --out "$OUT/ablations" --only 'seed=0'  # rank, tying, v dtype: first seed
-sweep experiments/seeds.toml --out "$OUT/seeds"                          # third seed (168 numbers: 84.5 / 47.0% on seeds 0 / 1)
+sweep experiments/seeds.toml --out "$OUT/seeds"                          # and the third
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # and the second
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie=[^,]+,lr=[^,]+$'   # SFT, u=1, every rate
 sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # hours: 320-token rollouts
