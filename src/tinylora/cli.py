@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none), as in train")
     p.add_argument("--weights", choices=CHOICES, default="auto",
                    help="weights that generate, as --rollout-weights of train (default: auto, exact fp32)")
-    p.add_argument("--out", help="write one JSON line per sample here")
+    p.add_argument("--out", help="write one JSON line per sample here (rerun after a kill: it resumes from "
+                   "FILE.partial)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load the adapter even if the base fingerprint differs")

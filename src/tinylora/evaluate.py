@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
@@ -48,16 +51,32 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
     given, else with the adapter merged into its weights (`exact`: restored bit for bit after, as training
     that goes on after the evaluation needs).
+
+    With `out_jsonl`, rows go to `out_jsonl`.partial batch by batch, so a killed evaluation resumes: a
+    call with the same settings, model state and problems reuses the whole batches there (generation is
+    seeded per batch, so the result is the same) and generates only the rest.
     """
     reward_fn = load_reward(reward)
     extract = REWARDS[reward][1] if is_builtin(reward) else None
     lenient = all(parse_number(p.answer) is not None for p in problems)
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
-    rows = []
+    resume_key = _resume_key(model, adapter, dict(
+        reward=reward, k=k, greedy=greedy, temperature=None if greedy else temperature, max_new_tokens=max_new_tokens,
+        per_batch=per_batch, suffix=suffix, system=system, seed=seed, weights=weights is not None, exact=exact,
+        problems=[(p.question, p.answer) for p in problems]))
+    partial = Path(str(out_jsonl) + ".partial") if out_jsonl else None
+    rows = _resumable_rows(partial, resume_key, per_batch * k, len(problems) * k)
+    starts = range(len(rows) // k, len(problems), per_batch)
+    if rows:
+        print(f"{desc}: resuming after {len(rows) // k} of {len(problems)} problems ({partial})", flush=True)
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "w") as f:  # rewritten: drops a line a kill cut short
+            f.writelines(json.dumps(r) + "\n" for r in [{"resume_key": resume_key}, *rows])
     engine = Engine(model, tokenizer, weights=weights, adapter=adapter, exact=exact)
     with engine.generating():  # entered once: a merge is not redone for every batch
-        for start in tqdm(range(0, len(problems), per_batch), desc=desc, disable=not progress, unit="batch"):
+        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]
             prompts = chat_prompts(tokenizer, [p.question for p in chunk], suffix, system)
             ro = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
@@ -74,6 +93,9 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
                     row["lenient_extracted"] = extract_last_number(completion)
                     row["lenient_correct"] = bool(lenient_reward(completion, p.answer))
                 rows.append(row)
+            if partial:
+                with open(partial, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows[-len(ro.completions):])
     result = {"n_problems": len(problems), "n_samples": len(rows), "samples_per_problem": k, "greedy": greedy,
               "reward": reward}
     values = [r["reward"] for r in rows if r["reward"] is not None]
@@ -93,8 +115,38 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
             solved = {r["index"] for r in rows if r[key]}
             result[prefix + "pass_at_k"] = len(solved) / max(len(problems), 1)
     if out_jsonl:
-        Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
-        with open(out_jsonl, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        tmp = Path(str(out_jsonl) + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, out_jsonl)
+        partial.unlink()
     return result
+
+
+def _resume_key(model, adapter, settings: dict) -> str:
+    """What an evaluation's rows depend on: its settings and problems, the model, and the adapter's
+    trained numbers (none: the base model)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(str(getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)).encode())
+    if adapter is not None:
+        h.update(adapter.config.to_json().encode())
+        for name, t in sorted(adapter.trainable_state().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resumable_rows(partial: Path | None, key: str, batch_rows: int, all_rows: int) -> list[dict]:
+    """The whole batches of rows a killed evaluation with the same `key` left in `partial`."""
+    if partial is None or not partial.is_file():
+        return []
+    rows = []
+    with open(partial) as f:
+        try:
+            if json.loads(next(f, "{}")).get("resume_key") != key:
+                return []  # another model state or other settings: start over
+            for line in f:
+                rows.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill, and anything after it
+            pass
+    return rows if len(rows) >= all_rows else rows[:len(rows) // batch_rows * batch_rows]
