@@ -61,11 +61,11 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     lenient = all(parse_number(p.answer) is not None for p in problems)
     k = 1 if greedy else samples
     per_batch = max(1, batch_size // k)  # problems per batch; each is prefilled once for its k samples
-    resume_key = _resume_key(model, adapter, dict(
+    partial = Path(str(out_jsonl) + ".partial") if out_jsonl else None
+    resume_key = partial and _resume_key(model, adapter, dict(  # only with a file: full FT hashes GBs
         reward=reward, k=k, greedy=greedy, temperature=None if greedy else temperature, max_new_tokens=max_new_tokens,
         per_batch=per_batch, suffix=suffix, system=system, seed=seed, weights=weights is not None, exact=exact,
         problems=[(p.question, p.answer) for p in problems]))
-    partial = Path(str(out_jsonl) + ".partial") if out_jsonl else None
     rows = _resumable_rows(partial, resume_key, per_batch * k, len(problems) * k)
     starts = range(len(rows) // k, len(problems), per_batch)
     if rows:
