@@ -25,6 +25,7 @@ sweep experiments/ablations.toml --out "$OUT/ablations" --only 'seed=0'  # rank,
 sweep experiments/seeds.toml --out "$OUT/seeds"                          # and the third
 sweep experiments/ablations.toml --out "$OUT/ablations"                  # and the second
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-tie=[^,]+,lr=[^,]+$'   # SFT, u=1, every rate
-sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # hours: 320-token rollouts
+sweep experiments/gsm8k.toml --out "$OUT/gsm8k" --only 'lr=0.03'         # hours: 320-token rollouts
 sweep experiments/steps.toml --out "$OUT/steps"                          # 1 and 168 numbers for 100 steps
 sweep experiments/param_curve.toml --out "$OUT/param_curve"              # u=4, LoRA-XS, LoRA, full
+sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # GSM8K at 1e-2 (hours)
