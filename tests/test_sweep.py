@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -170,6 +171,8 @@ def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, cap
     assert main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 0
     assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["u=2,n-tie=1", "u=2,n-tie=all", "u=3,n-tie=1"]
+    summary = json.loads((out / "runs" / "u=2,n-tie=all" / "summary.json").read_text())
+    assert Path(summary["adapter_file"]) == out / "runs" / "u=2,n-tie=all" / "adapter.safetensors"
 
 
 
