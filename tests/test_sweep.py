@@ -173,6 +173,7 @@ def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, cap
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["u=2,n-tie=1", "u=2,n-tie=all", "u=3,n-tie=1"]
     summary = json.loads((out / "runs" / "u=2,n-tie=all" / "summary.json").read_text())
     assert Path(summary["adapter_file"]) == out / "runs" / "u=2,n-tie=all" / "adapter.safetensors"
+    assert json.loads((out / "runs" / "u=2,n-tie=all" / "run.json").read_text())["name"] == "u=2,n-tie=all"
 
 
 

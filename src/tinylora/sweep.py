@@ -370,12 +370,12 @@ def _adopt_renamed_runs(runs: list[Run], out: Path, parser: argparse.ArgumentPar
         d, old = out / "runs" / r.name, by_flags.get(_flags(r.argv, parser))
         if old is not None and old != d and not d.exists():
             old.rename(d)
-            summary = d / "summary.json"  # it names its adapter file by the folder's old path
-            if summary.is_file():
-                s = json.loads(summary.read_text())
-                if Path(s.get("adapter_file", "")).parent == old:
-                    s["adapter_file"] = str(d / Path(s["adapter_file"]).name)
-                    summary.write_text(json.dumps(s, indent=2))
+            # what the folder's files say of it: run.json its name, summary.json its adapter file's path
+            for file, key, value in (("run.json", "name", r.name),
+                                     ("summary.json", "adapter_file", str(d / "adapter.safetensors"))):
+                data = json.loads((d / file).read_text()) if (d / file).is_file() else {}
+                if key in data:
+                    (d / file).write_text(json.dumps({**data, key: value}, indent=2))
 
 
 def _accuracies(row: dict) -> str:
