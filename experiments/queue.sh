@@ -5,6 +5,9 @@
 # Ctrl-C or kill stops it and the sweep in flight. GSM8K reads $TINYLORA_GSM8K_DIR or the hub.
 #
 #   bash experiments/queue.sh [OUT]
+#
+# On a fresh machine, `python experiments/progress.py restore OUT` first continues the committed study
+# (finished runs from docs/reproduction/*.csv, runs cut off from experiments/progress/) instead of rerunning it.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-runs}

@@ -1,0 +1,105 @@
+"""Carry the study across machines: keep in git what the sweeps under OUT need to go on elsewhere.
+
+    python experiments/progress.py save OUT [--commit]   # after runs finish, or every few minutes
+    python experiments/progress.py restore OUT           # on a fresh machine, before `bash experiments/queue.sh OUT`
+
+`save` copies each OUT/NAME/results.csv to docs/reproduction/NAME.csv (as report.py does) and the few
+small files a run cut off mid-way resumes from (checkpoint, metrics, base evaluation, time spent) to
+experiments/progress/NAME/RUN/; `restore` puts both back. A sweep counts a results.csv row marked done
+as finished even when its folder is gone, so finished runs are not rerun, and a run cut off resumes from
+its last saved step. Checkpoints over 1 MB (full fine-tuning: GBs) are not kept: such a run restarts.
+Without `restore`, `queue.sh` reruns the whole study, as a user reproducing it would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "reproduction"
+KEPT = REPO / "experiments" / "progress"
+RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "time_spent.json")
+MAX_CHECKPOINT = 1 << 20
+
+
+def _done_runs(results: Path) -> set[str]:
+    if not results.is_file():
+        return set()
+    with open(results, newline="") as f:
+        return {row["name"] for row in csv.DictReader(f) if row.get("status") == "done"}
+
+
+def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
+    """Copy results and in-flight runs into the repository; return what changed, for the commit message."""
+    changed = []
+    for results in sorted(out.glob("*/results.csv")):
+        name = results.parent.name
+        docs_csv = docs / f"{name}.csv"
+        if not docs_csv.is_file() or docs_csv.read_bytes() != results.read_bytes():
+            docs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(results, docs_csv)
+            changed.append(f"{name}: {len(_done_runs(results))} runs done")
+        done = _done_runs(results)
+        for run_dir in sorted((results.parent / "runs").glob("*/")):
+            kept = kept_root / name / run_dir.name
+            ckpt = run_dir / "checkpoint.safetensors"
+            if run_dir.name in done or not ckpt.is_file() or ckpt.stat().st_size > MAX_CHECKPOINT:
+                if kept.exists():
+                    shutil.rmtree(kept)
+                continue
+            kept.mkdir(parents=True, exist_ok=True)
+            for f in RESUME_FILES:
+                if (run_dir / f).is_file() and (not (kept / f).is_file()
+                                                or (kept / f).read_bytes() != (run_dir / f).read_bytes()):
+                    shutil.copyfile(run_dir / f, kept / f)
+                    if f == "checkpoint.safetensors":
+                        changed.append(f"{name}/{run_dir.name} in flight")
+    for kept in sorted(kept_root.glob("*/*/")):  # finished here: nothing left to resume
+        run_dir = out / kept.parent.name / "runs" / kept.name
+        if run_dir.is_dir() and not (run_dir / "checkpoint.safetensors").is_file():
+            shutil.rmtree(kept)
+    return changed
+
+
+def restore(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> None:
+    for docs_csv in sorted(docs.glob("*.csv")):
+        results = out / docs_csv.stem / "results.csv"
+        if not results.is_file():
+            results.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(docs_csv, results)
+            print(f"{results}: {len(_done_runs(results))} finished runs, from {docs_csv}")
+    for kept in sorted(kept_root.glob("*/*/")):
+        run_dir = out / kept.parent.name / "runs" / kept.name
+        if (run_dir / "checkpoint.safetensors").is_file():
+            continue  # this machine has its own, newer or equal
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in kept.iterdir():
+            shutil.copyfile(f, run_dir / f.name)
+        print(f"{run_dir}: resumes from the saved checkpoint ({kept})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("save", "restore"))
+    p.add_argument("out", type=Path, help="the folder of sweeps given to experiments/queue.sh")
+    p.add_argument("--commit", action="store_true", help="save: commit what changed (only these paths)")
+    args = p.parse_args()
+    if args.action == "restore":
+        restore(args.out)
+        return
+    changed = save(args.out)
+    print("\n".join(changed) or "nothing new")
+    if changed and args.commit:
+        tracked = subprocess.run(["git", "ls-files", "--", str(KEPT)], cwd=REPO, capture_output=True, text=True).stdout
+        paths = [str(p.relative_to(REPO)) for p in (DOCS, KEPT) if p.exists() or (p == KEPT and tracked)]
+        subprocess.run(["git", "add", "-A", "--", *paths], cwd=REPO, check=True)
+        subprocess.run(["git", "commit", "-q", "-m", "Progress: " + "; ".join(changed), "--", *paths],
+                       cwd=REPO, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""experiments/progress.py: a sweep killed on one machine goes on from git's copy on another."""
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+from test_sweep import model_dir, read_csv, sweep_cmd, write_spec  # noqa: F401  (model_dir: a fixture)
+
+from tinylora.sweep_results import TIME_COLUMNS
+
+_spec = importlib.util.spec_from_file_location(
+    "progress", Path(__file__).resolve().parent.parent / "experiments" / "progress.py")
+progress = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(progress)
+
+
+def test_a_sweep_killed_on_one_machine_finishes_on_another_from_the_saved_files(model_dir, tmp_path):  # noqa: F811
+    spec = write_spec(tmp_path, model_dir, steps=12, extra="eval-every = 6")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(sweep_cmd(spec, tmp_path / "whole" / "s"), env=env, check=True, capture_output=True)
+
+    first = tmp_path / "first"  # machine one: killed in the middle of the second run
+    proc = subprocess.Popen(sweep_cmd(spec, first / "s"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = first / "s" / "runs" / "n-tie=1" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 8):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert 8 <= len(metrics.read_text().splitlines()) < 12, "the kill was meant to land after the mid-run evaluation"
+    docs, kept = tmp_path / "repo" / "docs", tmp_path / "repo" / "progress"
+    progress.save(first, docs, kept)
+    assert (docs / "s.csv").is_file()
+    assert sorted(p.name for p in (kept / "s").iterdir()) == ["n-tie=1"]  # the finished run needs nothing more
+    assert (kept / "s" / "n-tie=1" / "checkpoint.safetensors").stat().st_size < 10_000
+    shutil.rmtree(first)
+
+    second = tmp_path / "second"  # machine two: only what was saved
+    progress.restore(second, docs, kept)
+    out = subprocess.run(sweep_cmd(spec, second / "s"), env=env, check=True, capture_output=True, text=True).stdout
+    assert "2 runs, 1 finished, 1 to run" in out
+    assert not (second / "s" / "runs" / "n-tie=all").exists()  # not rerun
+    assert "resuming from" in (second / "s" / "runs" / "n-tie=1" / "train.log").read_text()
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
+    whole = tmp_path / "whole"
+    assert comparable(read_csv(second / "s" / "results.csv")) == comparable(read_csv(whole / "s" / "results.csv"))
+    a, b = (load_file(str(d / "s" / "runs" / "n-tie=1" / "adapter.safetensors"))["v"] for d in (second, whole))
+    assert a.equal(b)
+    progress.save(second, docs, kept)  # finished: its saved checkpoint goes
+    assert not list(kept.glob("*/*/"))
+    assert docs.joinpath("s.csv").read_bytes() == (second / "s" / "results.csv").read_bytes()
