@@ -4,11 +4,12 @@
     python experiments/progress.py restore OUT           # on a fresh machine, before `bash experiments/queue.sh OUT`
 
 `save` copies each OUT/NAME/results.csv to docs/reproduction/NAME.csv (as report.py does) and the few
-small files a run cut off mid-way resumes from (checkpoint, metrics, base evaluation, time spent) to
-experiments/progress/NAME/RUN/; `restore` puts both back. A sweep counts a results.csv row marked done
-as finished even when its folder is gone, so finished runs are not rerun, and a run cut off resumes from
-its last saved step. Checkpoints over 1 MB (full fine-tuning: GBs) are not kept: such a run restarts.
-Without `restore`, `queue.sh` reruns the whole study, as a user reproducing it would.
+small files a run cut off mid-way resumes from (checkpoint, metrics, base evaluation, time spent; before
+its first step, the base evaluation alone) to experiments/progress/NAME/RUN/; `restore` puts both back.
+A sweep counts a results.csv row marked done as finished even when its folder is gone, so finished runs
+are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
+fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
+as a user reproducing it would.
 """
 
 from __future__ import annotations
@@ -43,25 +44,23 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
             docs.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(results, docs_csv)
             changed.append(f"{name}: {len(_done_runs(results))} runs done")
-        done = _done_runs(results)
-        for run_dir in sorted((results.parent / "runs").glob("*/")):
-            kept = kept_root / name / run_dir.name
-            ckpt = run_dir / "checkpoint.safetensors"
-            if run_dir.name in done or not ckpt.is_file() or ckpt.stat().st_size > MAX_CHECKPOINT:
-                if kept.exists():
-                    shutil.rmtree(kept)
-                continue
-            kept.mkdir(parents=True, exist_ok=True)
-            for f in RESUME_FILES:
-                if (run_dir / f).is_file() and (not (kept / f).is_file()
-                                                or (kept / f).read_bytes() != (run_dir / f).read_bytes()):
-                    shutil.copyfile(run_dir / f, kept / f)
-                    if f == "checkpoint.safetensors":
-                        changed.append(f"{name}/{run_dir.name} in flight")
-    for kept in sorted(kept_root.glob("*/*/")):  # finished here: nothing left to resume
-        run_dir = out / kept.parent.name / "runs" / kept.name
-        if run_dir.is_dir() and not (run_dir / "checkpoint.safetensors").is_file():
-            shutil.rmtree(kept)
+    for run_dir in sorted(out.glob("*/runs/*/")):
+        name = run_dir.parent.parent.name
+        kept = kept_root / name / run_dir.name
+        ckpt = run_dir / "checkpoint.safetensors"
+        # resumable here: a small checkpoint, or before the first step a base evaluation (GSM8K: 17 min)
+        small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
+        if run_dir.name in _done_runs(out / name / "results.csv") or not small:
+            if kept.exists():
+                shutil.rmtree(kept)
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        copied = [f for f in RESUME_FILES if (run_dir / f).is_file() and (
+            not (kept / f).is_file() or (kept / f).read_bytes() != (run_dir / f).read_bytes())]
+        for f in copied:
+            shutil.copyfile(run_dir / f, kept / f)
+        if copied:
+            changed.append(f"{name}/{run_dir.name} in flight")
     return changed
 
 
@@ -74,7 +73,7 @@ def restore(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> None:
             print(f"{results}: {len(_done_runs(results))} finished runs, from {docs_csv}")
     for kept in sorted(kept_root.glob("*/*/")):
         run_dir = out / kept.parent.name / "runs" / kept.name
-        if (run_dir / "checkpoint.safetensors").is_file():
+        if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
             continue  # this machine has its own, newer or equal
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in kept.iterdir():

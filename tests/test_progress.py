@@ -57,3 +57,18 @@ def test_a_sweep_killed_on_one_machine_finishes_on_another_from_the_saved_files(
     progress.save(second, docs, kept)  # finished: its saved checkpoint goes
     assert not list(kept.glob("*/*/"))
     assert docs.joinpath("s.csv").read_bytes() == (second / "s" / "results.csv").read_bytes()
+
+
+def test_a_run_cut_off_before_its_first_step_keeps_its_base_evaluation(tmp_path):
+    run = tmp_path / "first" / "s" / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text('{"name": "r"}')
+    (run / "eval_base.json").write_text('{"accuracy": 0.25}')  # minutes of work on GSM8K
+    docs, kept = tmp_path / "docs", tmp_path / "kept"
+    assert progress.save(tmp_path / "first", docs, kept) == ["s/r in flight"]
+    assert progress.save(tmp_path / "first", docs, kept) == []  # nothing new
+    progress.restore(tmp_path / "second", docs, kept)
+    assert (tmp_path / "second" / "s" / "runs" / "r" / "eval_base.json").read_text() == '{"accuracy": 0.25}'
+    (run / "eval_base.json").unlink()  # nothing left to resume from: the saved copy goes
+    progress.save(tmp_path / "first", docs, kept)
+    assert not kept.joinpath("s", "r").exists()
