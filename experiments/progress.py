@@ -15,10 +15,11 @@ as a user reproducing it would.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 from pathlib import Path
+
+from tinylora.sweep_results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"
@@ -28,10 +29,7 @@ MAX_CHECKPOINT = 1 << 20
 
 
 def _done_runs(results: Path) -> set[str]:
-    if not results.is_file():
-        return set()
-    with open(results, newline="") as f:
-        return {row["name"] for row in csv.DictReader(f) if row.get("status") == "done"}
+    return {name for name, row in read_results(results).items() if row.get("status") == "done"}
 
 
 def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
@@ -44,13 +42,14 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
             docs.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(results, docs_csv)
             changed.append(f"{name}: {len(_done_runs(results))} runs done")
+    done = {d.name: _done_runs(d / "results.csv") for d in out.glob("*/")}
     for run_dir in sorted(out.glob("*/runs/*/")):
         name = run_dir.parent.parent.name
         kept = kept_root / name / run_dir.name
         ckpt = run_dir / "checkpoint.safetensors"
         # resumable here: a small checkpoint, or before the first step a base evaluation (GSM8K: 17 min)
         small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
-        if run_dir.name in _done_runs(out / name / "results.csv") or not small:
+        if run_dir.name in done[name] or not small:
             if kept.exists():
                 shutil.rmtree(kept)
             continue
@@ -78,7 +77,7 @@ def restore(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in kept.iterdir():
             shutil.copyfile(f, run_dir / f.name)
-        print(f"{run_dir}: resumes from the saved checkpoint ({kept})")
+        print(f"{run_dir}: resumes from {kept}")
 
 
 def main() -> None:
