@@ -31,5 +31,5 @@ sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=sft,n-
 sweep experiments/gsm8k.toml --out "$OUT/gsm8k" --only 'lr=0.03'         # hours: 320-token rollouts
 sweep experiments/steps.toml --out "$OUT/steps"                          # 1 and 168 numbers for 100 steps
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^(?!.*method=full)'  # u=4, LoRA-XS, LoRA
+sweep experiments/param_curve.toml --out "$OUT/param_curve"              # full fine-tuning (GB checkpoints: finish in one sitting)
 sweep experiments/gsm8k.toml --out "$OUT/gsm8k"                          # GSM8K at 1e-2 (hours)
-sweep experiments/param_curve.toml --out "$OUT/param_curve"              # full fine-tuning (GB checkpoints)
