@@ -154,3 +154,32 @@ def test_saving_while_merged_writes_the_base_fingerprint(tmp_path):
     adapter.merge()
     merged = save_adapter(adapter, tmp_path / "b.safetensors")
     assert read_adapter_file(plain)[1]["fingerprint"] == read_adapter_file(merged)[1]["fingerprint"]
+
+
+def test_file_names_no_local_path_and_is_the_same_on_any_machine(tmp_path, monkeypatch):
+    """The same v, config and base give byte-identical files wherever the base sits: an embedded model (its
+    cache folder differs per user) is named by its hub id, a local folder by its own name, never its path."""
+    from tinylora import embedded, models
+    from tinylora.testing import tiny_tokenizer
+    entry = embedded.CATALOGUE[embedded.DEFAULT_MODEL]
+    files = []
+    for machine in ("alice", "bob"):
+        cache = tmp_path / machine / ".cache"
+        folder = cache / "models" / entry.name  # where ensure_embedded would have converted it
+        tiny_model("qwen2").save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        monkeypatch.setattr(embedded, "ensure_embedded", lambda name, f=folder: f)
+        model, _ = models.load_model(embedded.DEFAULT_MODEL, "fp32", "cpu")
+        adapter = attach(model, AdapterConfig(u=1, n_tie=2))
+        with torch.no_grad():
+            adapter.v.fill_(0.25)
+        files.append(save_adapter(adapter, tmp_path / machine / "a.safetensors").read_bytes())
+        _, meta, _ = read_adapter_file(tmp_path / machine / "a.safetensors")
+        assert meta["base"] == entry.hub_id
+        plain, _ = models.load_model(str(folder), "fp32", "cpu")  # a local folder: its name only
+        plain_adapter = attach(plain, AdapterConfig(u=1, n_tie=2))
+        save_adapter(plain_adapter, tmp_path / machine / "b.safetensors")
+        _, meta, _ = read_adapter_file(tmp_path / machine / "b.safetensors")
+        assert meta["base"] == entry.name
+    assert files[0] == files[1]
+    assert b"alice" not in files[0] and str(tmp_path).encode() not in files[0]

@@ -32,6 +32,7 @@ from .train import TrainConfig
 
 __all__ = ["AdapterConfig", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "evaluate", "train"]
 REPORT_TO = ("none", "tensorboard", "wandb")
+HELD_OUT_GUARD = 200  # training never sees the first 200 test problems, whatever --eval-n says
 
 
 def _bad(name: str, value, expected: str) -> ValueError:
@@ -104,8 +105,30 @@ class DataConfig:
         return self.data or self.task
 
     def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
-        """`n` problems of `split`. A data file has no splits: the held-out rows are --eval-data, or else the
-        last eval_n rows of the file, which training then leaves out (eval_n = 0: the whole file for both)."""
+        """`n` problems of `split`; the training split never holds a question of the held-out set (see
+        `training_pool`)."""
+        if split == "train":
+            return self.training_pool(n, seed)[0]
+        return self._split(split, n, seed)
+
+    def training_pool(self, n: int | None, seed: int = 0) -> tuple[list[Problem], int]:
+        """(training problems, how many were dropped): the first `n` training problems less every one whose
+        question is also held out, word for word. Held out: the first max(eval_n, 200) test problems (200: the
+        default evaluation, so `tinylora eval` later scores unseen problems too), --eval-data's rows, or a data
+        file's last eval_n rows. Repeats inside the training rows themselves are kept: they are the file's
+        weighting."""
+        from .tasks import without_questions
+        pool = self._split("train", n, seed)
+        if self.source.endswith(".jsonl") and not self.eval_data:
+            held = self._split("test", None) if self.eval_n else []
+        else:
+            held = self._split("test", None if self.eval_data else max(self.eval_n, HELD_OUT_GUARD))
+        return without_questions(pool, held)
+
+    def _split(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
+        """`n` problems of `split` as the task lays them out. A data file has no splits: the held-out rows are
+        --eval-data, or else the last eval_n rows of the file, which training then leaves out (eval_n = 0: the
+        whole file for both)."""
         from .tasks import load_task
         if self.source.endswith(".jsonl"):
             if self.eval_data:
@@ -136,6 +159,9 @@ class RunConfig:
     eval_every: int = field(default=0, metadata={
         "help": "also score the --eval-n held-out problems every N steps (0: only before and after training): "
                 "a learning curve in metrics.jsonl, summary.json and the plot"})
+    eval_reward: str | None = field(default=None, metadata={
+        "help": "the rule that scores the held-out evaluations (default: --reward; set it when training with a "
+                "control reward such as 'random' or 'format')"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     report_to: str = field(default="none", metadata={
         "help": "also log metrics to 'tensorboard' (OUT/tensorboard) or 'wandb' (offline unless WANDB_API_KEY or "
@@ -148,6 +174,12 @@ class RunConfig:
             raise _bad("eval_batch_size", self.eval_batch_size, "an integer >= 1")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise _bad("eval_every", self.eval_every, "an integer >= 0")
+        if self.eval_reward is not None:
+            from .rewards import load_reward
+            try:
+                load_reward(self.eval_reward)
+            except (ValueError, FileNotFoundError) as e:
+                raise _bad("eval_reward", self.eval_reward, f"a reward rule ({e})") from None
 
 
 def train(model: ModelConfig | None = None, data: DataConfig | None = None, adapter: AdapterConfig | None = None,
@@ -174,12 +206,13 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     say = print if rank == 0 else (lambda *a, **k: None)
     net, tokenizer = load_model(model.model, model.dtype, model.device)
     ad = attach(net, adapter, progress=run.progress and rank == 0)
-    train_problems = data.problems("train", data.n, seed=cfg.seed)
+    train_problems, dropped = data.training_pool(data.n, seed=cfg.seed)
     # the held-out set does not move with the seed: runs with different seeds are scored on the same problems
     eval_problems = data.problems("test", data.eval_n) if data.eval_n else []
     say(f"model {model.model} on {next(net.parameters()).device} ({next(net.parameters()).dtype}): "
         f"{ad.num_trainable():,} trainable parameters ({ad.config.method}, {len(ad.targets)} modules, "
-        f"{len(ad.groups)} groups); {len(train_problems)} training problems")
+        f"{len(ad.groups)} groups); {len(train_problems)} training problems"
+        + (f" ({dropped} left out: also held out)" if dropped else ""))
     label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
     trainer = Trainer(net, tokenizer, ad, train_problems, cfg, out, progress=run.progress, label=label)
     # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts or
@@ -190,7 +223,8 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         else None if weight.device.type == "cpu" and weight.dtype == torch.float32 else cpu_weights.AdapterHooks()
     if cfg.algo == "grpo":
         say(f"rollout weights: {fast or 'the adapter merged into the weights for each rollout'}")
-    ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=cfg.reward,
+    rule = run.eval_reward or cfg.reward
+    ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=rule,
               suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0,
               weights=exact_copy)
     tracker = make_tracker(run.report_to, out, {"model": asdict(model), "data": asdict(data),
@@ -209,7 +243,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
             base["step"] = 0
             out.mkdir(parents=True, exist_ok=True)
             base_path.write_text(json.dumps(base))
-        say(f"base accuracy {accuracy_line(base, cfg.reward)}")
+        say(f"base accuracy {accuracy_line(base, rule)}")
         if tracker:
             tracker.log_eval("base", base)
 
@@ -217,7 +251,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         e = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / f"eval_step{steps_done}.jsonl",
                            desc=label + f"eval step {steps_done}", exact=True, **ev)
         e["step"] = steps_done
-        tqdm.write(f"step {steps_done}: {accuracy_line(e, cfg.reward)}")  # print would break the progress bar
+        tqdm.write(f"step {steps_done}: {accuracy_line(e, rule)}")  # print would break the progress bar
         if tracker:
             tracker.log_eval("during", e)
         return {k: e[k] for k in ("step", "accuracy", "ci95", "lenient_accuracy", "lenient_ci95") if k in e}
@@ -278,7 +312,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         plot_run(history, [e for e in (base, *during, final) if e], out)
     say("\n" + "=" * 64)
     if base and final:
-        say(f"accuracy  {accuracy_line(base, cfg.reward)}\n      →   {accuracy_line(final, cfg.reward)}")
+        say(f"accuracy  {accuracy_line(base, rule)}\n      →   {accuracy_line(final, rule)}")
     say(f"trained   {summary['trainable_params']:,} parameters, adapter file {summary['adapter_bytes']} bytes "
         f"({adapter_path})")
     say(f"time      {summary['wall_seconds'] / 60:.1f} min total, {summary['steps']} steps of "

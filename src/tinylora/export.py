@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import Adapter
+from .io import base_name
 
 
 def lora_factors(adapter: Adapter, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True,
         "target_modules": sorted({t.name for t in adapter.targets}),
-        "base_model_name_or_path": getattr(adapter.base_model.config, "_name_or_path", None),
+        "base_model_name_or_path": base_name(adapter.base_model) or None,
         "revision": None, "modules_to_save": None,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

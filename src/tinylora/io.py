@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .adapter import Adapter, attach
@@ -50,6 +50,15 @@ def fingerprint(adapter: Adapter) -> dict:
     }
 
 
+def base_name(model) -> str:
+    """How a file names its base: the hub id (embedded models carry theirs), or a local folder's own name, never
+    its path: a file meant to be shared holds no user's folders, and the same v gives the same bytes anywhere."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if os.path.isabs(name) or os.path.exists(name) or "\\" in name:
+        return Path(name.replace("\\", "/")).name
+    return name
+
+
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the stored tensors' names, dtypes, shapes and bytes: a flipped bit of v is caught."""
     h = hashlib.sha256()
@@ -66,15 +75,33 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.trainable_state().items()}
-    base = getattr(getattr(adapter.base_model, "config", None), "_name_or_path", "") or ""
+    base = base_name(adapter.base_model)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tinylora": __version__,
             "config": adapter.config.to_json(), "base": base, "checksum": checksum(tensors),
             "fingerprint": json.dumps(fingerprint(adapter), separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, canonical_header(save(tensors, metadata=meta)))
     return path
+
+
+def canonical_header(raw: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes metadata in hash-map
+    order, which differs from one process to the next, so equal adapters would not be equal bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data that follows stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:

@@ -42,19 +42,23 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer) from a transformers model folder or hub id, in eval mode, on `device`."""
+    """(model, tokenizer) from a transformers model folder, a hub id or `embedded:NAME`, in eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .embedded import DEFAULT_MODEL, ensure_default_model
+    from .embedded import PREFIX, ensure_embedded, lookup
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if name_or_path == DEFAULT_MODEL:
-        name_or_path = str(ensure_default_model())
+    hub_id = None
+    if name_or_path.startswith(PREFIX):
+        hub_id = lookup(name_or_path).hub_id
+        name_or_path = str(ensure_embedded(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)
     except OSError as e:
         raise ValueError(f"cannot load model {name_or_path!r}: {e}") from e
+    if hub_id:  # named by what it is, not by this machine's cache folder
+        model.config._name_or_path = hub_id
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -10,11 +10,17 @@ strict  — the paper's GSM8K rule: the last "#### <number>" must equal the gold
 boxed   — the last \\boxed{...}, compared with math-verify (symbolic equality: 1/2 == 0.5).
 lenient — the last number anywhere in the completion equals the gold, whatever the format. Every
           evaluation reports it beside the chosen rule: gains that only teach the format shrink under it.
+
+Two controls, for telling a real gain from a side effect (train with them, evaluate with a real rule):
+format  — 1.0 whenever the completion ends its answer as "#### <number>", right or wrong.
+random  — a fair coin per completion, fixed by a hash of the completion and the gold (so a resumed run
+          scores the same), blind to correctness (Qwen models are reported to gain from such rewards).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -95,8 +101,17 @@ def lenient_reward(completion: str, gold: str) -> float:
         return 0.0
 
 
+def format_reward(completion: str, gold: str) -> float:
+    return float(extract_strict(completion) is not None)
+
+
+def random_reward(completion: str, gold: str) -> float:
+    return float(hashlib.sha256(f"{gold}\0{completion}".encode()).digest()[0] & 1)
+
+
 REWARDS = {"strict": (strict_reward, extract_strict), "boxed": (boxed_reward, extract_boxed),
-           "lenient": (lenient_reward, extract_last_number)}
+           "lenient": (lenient_reward, extract_last_number),
+           "format": (format_reward, extract_strict), "random": (random_reward, None)}
 
 
 RewardFn = Callable[..., list]  # (completions, prompts, **columns) -> list[float | None]

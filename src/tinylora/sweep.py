@@ -143,7 +143,8 @@ def load_spec(path: str | Path) -> list[Run]:
 def eval_key(run: Run) -> str:
     a = run.args
     full = a.method == "full"  # generates with merged weights, not the packed copy: another summation order
-    return json.dumps([getattr(a, k) for k in EVAL_KEYS] + [full])
+    values = [(a.eval_reward or a.reward) if k == "reward" else getattr(a, k) for k in EVAL_KEYS]  # the scoring rule
+    return json.dumps(values + [full])
 
 
 def summary_of(run_dir: Path) -> dict | None:

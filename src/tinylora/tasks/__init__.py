@@ -22,6 +22,13 @@ class Problem:
 TASKS = ("arithmetic", "gsm8k", "jsonl")
 
 
+def without_questions(problems: list[Problem], held_out: list[Problem]) -> tuple[list[Problem], int]:
+    """(`problems` less those whose question, stripped, is also one of `held_out`'s; how many were dropped)."""
+    seen = {p.question.strip() for p in held_out}
+    kept = [p for p in problems if p.question.strip() not in seen]
+    return kept, len(problems) - len(kept)
+
+
 def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, *,
               prompt_template: str | None = None, **kwargs) -> list[Problem]:
     """Problems of a task: 'arithmetic' (generated offline), 'gsm8k' (hub or local folder), or a .jsonl path
