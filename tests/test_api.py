@@ -226,3 +226,30 @@ def test_gpu_train_with_eval_every_then_resume(peaked_model, tmp_path):
 def test_eval_every_must_be_a_count():
     with pytest.raises(ValueError, match="eval_every"):
         RunConfig(eval_every=-1)
+
+
+def test_random_direction_control_keeps_the_norm_and_draws_a_seeded_direction(peaked_model, tmp_path, capsys):
+    from tinylora import attach, save_adapter
+    from tinylora.api import _randomize_direction
+    from tinylora.testing import tiny_model
+    adapter = attach(tiny_model("qwen2"), AdapterConfig(u=2, n_tie=3))
+    with torch.no_grad():
+        adapter.v.copy_(torch.arange(adapter.v.numel(), dtype=torch.float32).view_as(adapter.v) / 10)
+    trained = adapter.v.detach().clone()
+    _randomize_direction(adapter, 5)
+    d = torch.randn(trained.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # by hand
+    expected = d / d.norm() * trained.double().norm()
+    assert torch.allclose(adapter.v.double(), expected, atol=1e-6)
+    assert abs(float(torch.nn.functional.cosine_similarity(adapter.v.flatten(), trained.flatten(), 0))) < 0.99
+    model_dir, _ = peaked_model  # through evaluate: the result names the control and the norm it kept
+    one = attach(__import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir), AdapterConfig(n_tie="all"))
+    with torch.no_grad():
+        one.v.fill_(-0.7)
+    path = save_adapter(one, tmp_path / "a.safetensors")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{w} ?", "answer": "1"}) + "\n" for w in WORDS))
+    r = evaluate(ModelConfig(model=model_dir, device="cpu"), DataConfig(data=str(data), eval_n=0), adapter=str(path),
+                 n=4, max_new_tokens=2, progress=False, random_direction=2, suffix="", system=None)
+    assert r["random_direction"] == 2 and r["v_norm"] == pytest.approx(0.7, rel=1e-6)
+    assert main(["eval", "--model", model_dir, "--data", str(data), "--random-direction", "1"]) == 2
+    assert "random_direction=1 is invalid" in capsys.readouterr().err

@@ -49,3 +49,11 @@ def test_join_verifies_sha256_without_importing(entry, tmp_path, monkeypatch):
     path = embedded.join_and_verify(good, tmp_path / "out.gguf")
     assert path.read_bytes() == joined
     assert not any(m in sys.modules for m in entry.modules())  # located, never imported
+
+
+@pytest.mark.parametrize("entry,numbers,modules", [(SMALL, 11, 168), (LARGE, 13, 196)], ids=["0.5b", "1.5b"])
+def test_count_knows_the_embedded_models_offline(entry, numbers, modules):
+    from tinylora import AdapterConfig
+    from tinylora.count import count
+    c = count(entry.id, AdapterConfig(u=1, n_tie=16))
+    assert (c["trainable_params"], c["modules"], c["total_params"]) == (numbers, modules, entry.params)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import cpu_weights, dist
 from .config import AdapterConfig
-from .embedded import DEFAULT_MODEL
+from .embedded import DEFAULT_MODEL, listing
 from .models import DEVICES, DTYPES
 from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
 from .tasks import Problem
@@ -42,7 +42,7 @@ def _bad(name: str, value, expected: str) -> ValueError:
 @dataclass
 class ModelConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "model folder or hub id; the default is embedded (Qwen2.5-Coder-0.5B-Instruct, offline)"})
+        "help": "model folder, hub id, or an embedded model (offline): " + listing()})
     dtype: str = field(default="auto", metadata={
         "help": "weights dtype: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else MPS, else CPU), cpu, cuda, "
@@ -328,9 +328,11 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
              split: str = "test", n: int | None = 100, samples: int | None = None, temperature: float = 1.0,
              max_new_tokens: int = 32, batch_size: int = 50, reward: str = "strict", seed: int = 0,
              weights: str = "auto", suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM,
-             out: str | None = None, strict: bool = True, progress: bool = True) -> dict:
+             out: str | None = None, strict: bool = True, progress: bool = True,
+             random_direction: int | None = None) -> dict:
     """Accuracy (95% CI) of the base model, or of it with the adapter file `adapter`, on `n` problems of
     `split`: greedy, or `samples` sampled completions each (pass@k too). Scored by `reward` and leniently.
+    `random_direction` (a seed): a control that replaces the adapter's v by a random vector of the same norm.
     """
     from .evaluate import evaluate as score_problems
     from .io import load_adapter
@@ -351,6 +353,8 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
         suffix = ""
     net, tokenizer = load_model(model.model, model.dtype, model.device)
     ad = load_adapter(net, adapter, strict=strict) if adapter else None
+    if random_direction is not None:
+        _randomize_direction(ad, random_direction)
     problems = data.problems(split, n)
     fast = cpu_weights.for_generation(net, weights, ad.config.method if ad is not None else "frozen")
     result = score_problems(net, tokenizer, problems, adapter=ad, weights=fast, greedy=samples is None,
@@ -358,7 +362,18 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
                             batch_size=batch_size, reward=reward, out_jsonl=out, seed=seed, suffix=suffix,
                             system=system, progress=progress)
     result.update(model=model.model, adapter=adapter, task=data.source, split=split)
+    if random_direction is not None:
+        result.update(random_direction=random_direction, v_norm=float(ad.v.detach().double().norm()))
     return result
+
+
+def _randomize_direction(ad, seed: int) -> None:
+    """v ← a seeded random direction scaled to v's norm: is a gain the trained direction, or any nudge this big?"""
+    if ad is None or ad.config.method not in ("tinylora", "lora-xs"):
+        raise _bad("random_direction", seed, "an --adapter of method tinylora or lora-xs to take the norm of")
+    with torch.no_grad():
+        d = torch.randn(ad.v.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        ad.v.copy_((d / d.norm() * ad.v.double().norm()).to(ad.v.dtype))
 
 
 def accuracy_line(e: dict, rule: str) -> str:

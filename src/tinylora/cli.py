@@ -1,4 +1,4 @@
-"""The `tinylora` command: train, sweep, eval, serve, count, info, export, merge."""
+"""The `tinylora` command: train, sweep, eval, serve, count, pack, info, export, merge."""
 
 from __future__ import annotations
 
@@ -100,13 +100,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.compare:
+        from .paired import compare, format_comparison
+        c = compare(*args.compare, seed=args.seed)
+        print(json.dumps(c) if args.json else format_comparison(c))
+        return
     from .api import DataConfig, ModelConfig, evaluate
     result = evaluate(config_from(ModelConfig, args), config_from(DataConfig, args), adapter=args.adapter,
                       split=args.split, n=args.n, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reward=args.reward,
                       seed=args.seed, weights=args.weights, out=args.out, strict=args.strict, suffix=args.suffix,
-                      system=args.system or None,
-                      progress=not args.json)
+                      system=args.system or None, progress=not args.json,
+                      random_direction=args.random_direction)
     if args.json:
         print(json.dumps(result))
         return
@@ -114,6 +119,29 @@ def cmd_eval(args) -> None:
     print(f"accuracy {accuracy_line(result, args.reward)} over {result['n_problems']} problems")
     if args.out:
         print(f"per-sample results: {args.out}")
+
+
+def cmd_pack(args) -> None:
+    from .pack import Pack
+    if args.action == "create":
+        pack = Pack.create(args.pack, args.files)
+        print(f"{pack.path}: {len(pack):,} adapters, {pack.path.stat().st_size:,} bytes")
+        return
+    with Pack(args.pack) as pack:
+        if args.action == "add":
+            names = pack.add(args.files)
+            print(f"{pack.path}: added or replaced {len(names):,}; {len(pack):,} adapters")
+        elif args.action == "rm":
+            pack.remove(args.names)
+            print(f"{pack.path}: removed {len(args.names):,}; {len(pack):,} adapters")
+        elif args.action == "list":
+            for name in pack.names(after=args.after or "", limit=args.limit):
+                print(name)
+        elif args.action == "info":
+            info = pack.info()
+            print(json.dumps(info) if args.json else "\n".join(f"{k:<12} {v}" for k, v in info.items()))
+        elif args.action == "extract":
+            print(f"wrote {pack.extract(args.name, args.out)}")
 
 
 def cmd_serve(args) -> None:
@@ -202,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load the adapter even if the base fingerprint differs")
+    p.add_argument("--random-direction", type=int, metavar="SEED",
+                   help="a control: evaluate --adapter with its v replaced by a random vector of the same norm "
+                        "(seeded): does the trained direction matter, or would any nudge this big do?")
+    p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                   help="evaluate nothing: compare two evaluations of the same problems (eval_*.jsonl of runs, or "
+                        "--out files), strict and lenient: problems B gained and lost, exact McNemar p, paired "
+                        "bootstrap 95%% CI of the difference (seeded by --seed)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server for the base model and many adapters at once",
@@ -229,11 +264,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
+    from .embedded import CATALOGUE
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
-    p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder or config.json")
+    p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder, config.json, "
+                   "or an embedded model: " + ", ".join(CATALOGUE))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_adapter_args(p)
     p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("pack", help="many adapters of one config and base in one file (SQLite): create, add, rm, "
+                       "list, info, extract", description="An adapter pack stores the shared config and base once and "
+                       "each adapter as its name (its file name without .safetensors) and v. Every change is one "
+                       "transaction: a kill never loses what was acknowledged. Load one with --adapter PACK::NAME.")
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (("create", "a new pack from adapter files or folders of them"),
+                         ("add", "add or replace adapter files (or folders) in a pack")):
+        a = acts.add_parser(action, help=what)
+        a.add_argument("pack", help="pack file")
+        a.add_argument("files", nargs="+" if action == "add" else "*", help="*.safetensors files or folders")
+    a = acts.add_parser("rm", help="remove adapters by name")
+    a.add_argument("pack", help="pack file")
+    a.add_argument("names", nargs="+", help="adapter names")
+    a = acts.add_parser("list", help="adapter names, sorted (page with --after and --limit)")
+    a.add_argument("pack", help="pack file")
+    a.add_argument("--after", help="start after this name")
+    a.add_argument("--limit", type=int, help="at most this many names")
+    a = acts.add_parser("info", help="count, size, shared config and base")
+    a.add_argument("pack", help="pack file")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a = acts.add_parser("extract", help="write one adapter as a normal .safetensors file")
+    a.add_argument("pack", help="pack file")
+    a.add_argument("name", help="adapter name")
+    a.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("info", help="show an adapter file's settings, fingerprint and values")
     p.add_argument("adapter", help="adapter .safetensors file")
@@ -264,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() adds quotes
+        print(f"tinylora {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tinylora {args.command}: interrupted", file=sys.stderr)

@@ -12,12 +12,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import AdapterConfig
+from .embedded import CATALOGUE
 from .plan import find_targets, tie_groups, trainable_count
 
 
 @lru_cache(maxsize=1)
 def catalog() -> dict[str, dict]:
-    """Configs of popular models shipped with tinylora, by hub id, so counting works offline."""
+    """Configs of popular models shipped with tinylora, by hub id, so counting works offline; the embedded models
+    by their `embedded:` name, as their GGUF builds them (both with an output matrix of their own)."""
     return json.loads(resources.files("tinylora").joinpath("catalog/models.json").read_text())
 
 
@@ -39,7 +41,8 @@ def resolve_config(model: str):
         except Exception:
             pass
     raise ValueError(f"unknown model {model!r}: not a folder with config.json, not a config file, and not in "
-                     f"tinylora's offline catalogue. Known ids: {', '.join(sorted(known))}")
+                     f"tinylora's offline catalogue. Known ids: {', '.join(sorted(known))}; embedded: "
+                     f"{', '.join(CATALOGUE)}")
 
 
 def _hub_reachable() -> bool:

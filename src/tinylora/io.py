@@ -71,14 +71,20 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     """Write the adapter atomically (a crash never leaves half a file under `path`)."""
+    return write_adapter_file(path, adapter.config, base_name(adapter.base_model), fingerprint(adapter),
+                              adapter.trainable_state())
+
+
+def write_adapter_file(path: str | os.PathLike, config: AdapterConfig, base: str, base_fingerprint: dict,
+                       tensors: dict[str, torch.Tensor]) -> Path:
+    """An adapter file from its parts (how a pack extracts one without a model), atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.trainable_state().items()}
-    base = base_name(adapter.base_model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tinylora": __version__,
-            "config": adapter.config.to_json(), "base": base, "checksum": checksum(tensors),
-            "fingerprint": json.dumps(fingerprint(adapter), separators=(",", ":"))}
+            "config": config.to_json(), "base": base, "checksum": checksum(tensors),
+            "fingerprint": json.dumps(base_fingerprint, separators=(",", ":"))}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, canonical_header(save(tensors, metadata=meta)))
     return path
@@ -104,11 +110,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
-    """Parse and validate a file without a model: (config, metadata, tensors)."""
+def read_adapter_file(path: str | os.PathLike, name: str | None = None) -> tuple[AdapterConfig, dict,
+                                                                                dict[str, torch.Tensor]]:
+    """Parse and validate a file without a model: (config, metadata, tensors). A pack (see `pack`) needs the
+    `name` of one of its adapters."""
+    from .pack import Pack, is_pack
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
+    if is_pack(path):
+        if name is None:
+            raise ValueError(f"{path} is an adapter pack: name the adapter to load (name=..., or PACK::NAME)")
+        with Pack(path) as pack:
+            return pack.config, {"fingerprint": pack.fingerprint, "base": pack.base}, {"v": pack.get(name)}
+    if name is not None:
+        raise ValueError(f"{path} is a single adapter file, not a pack: it has no adapter {name!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -131,6 +147,14 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dic
         if not torch.isfinite(t.float()).all():
             raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values")
     return config, meta, tensors
+
+
+def split_pack_path(path: str | os.PathLike, name: str | None = None) -> tuple[Path, str | None]:
+    """"users.tlpack::alice" -> (users.tlpack, "alice"): how a command line names one adapter of a pack."""
+    text = str(path)
+    if name is None and "::" in text and not Path(text).is_file():
+        text, name = text.rsplit("::", 1)
+    return Path(text), name
 
 
 def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = True) -> None:
@@ -160,10 +184,13 @@ def check_fingerprint(expected: dict, actual: dict, source: str, strict: bool = 
         warnings.warn(f"{source}: base weights match in value but not byte for byte (another dtype?)", stacklevel=3)
 
 
-def load_adapter(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, **kwargs) -> Adapter:
-    """Attach the adapter stored in `path` to `model` (its base) and load its trained tensors."""
-    config, meta, tensors = read_adapter_file(path)
+def load_adapter(model: torch.nn.Module, path: str | os.PathLike, *, name: str | None = None, strict: bool = True,
+                 **kwargs) -> Adapter:
+    """Attach the adapter stored in `path` to `model` (its base) and load its trained tensors; from a pack,
+    the adapter `name` (or pass "PACK::NAME" as `path`)."""
+    path, name = split_pack_path(path, name)
+    config, meta, tensors = read_adapter_file(path, name)
     adapter = attach(model, config, **kwargs)
-    check_fingerprint(meta["fingerprint"], fingerprint(adapter), str(path), strict)
+    check_fingerprint(meta["fingerprint"], fingerprint(adapter), f"{path}::{name}" if name else str(path), strict)
     adapter.load_trainable_state(tensors)
     return adapter

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",
                   "final_acc", "final_acc_lo", "final_acc_hi", "final_lenient", "final_lenient_lo", "final_lenient_hi",
-                  "evals", "train_reward_start", "train_reward_end", "zero_std_frac", "wall_seconds", "train_seconds")
+                  "evals", "train_reward_start", "train_reward_end", "zero_std_frac", "wall_seconds", "train_seconds",
+                  "rollouts")
 TIME_COLUMNS = ("wall_seconds", "train_seconds")
 
 
@@ -32,7 +33,8 @@ def train_signal(metrics: Path, window: int = 5) -> dict:
     def mean(key, ms):
         return round(sum(m[key] for m in ms) / len(ms), 4)
     return {"train_reward_start": mean("reward_mean", steps[:window]),
-            "train_reward_end": mean("reward_mean", steps[-window:]), "zero_std_frac": mean("zero_std_frac", steps)}
+            "train_reward_end": mean("reward_mean", steps[-window:]), "zero_std_frac": mean("zero_std_frac", steps),
+            "rollouts": sum(m.get("rollouts", 0) for m in steps) or ""}  # samples generated (older runs: blank)
 
 
 def result_row(run: Run, status: str, error: str, summary: dict | None, option_keys: list[str],

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import cpu_weights, dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import Engine
+from .dynamic_sampling import refill_problems, sample_informative
 from .grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
 from .rewards import REWARDS, is_builtin, load_reward, score
 from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, group_logprobs, sequence_logprobs
@@ -69,6 +70,11 @@ class TrainConfig:
                 "(packed on a CPU with fp32 weights when memory allows, else merged; hooks on a GPU or in "
                 "bf16/fp16)",
         "choices": cpu_weights.CHOICES})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "GRPO: train only on groups whose samples disagree, generating more prompts until the step has "
+                "B of them or --max-gen-rounds rounds ran (DAPO; at the cap it trains on what it has)"})
+    max_gen_rounds: int = field(default=3, metadata={
+        "help": "with --dynamic-sampling: at most this many rounds of B prompts per step"})
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and the random projections P"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N steps"})
     suffix: str = field(default=DEFAULT_SUFFIX, metadata={"help": "text appended to every question"})
@@ -82,13 +88,14 @@ class TrainConfig:
                   ("reward", self.reward in REWARDS or ":" in self.reward,
                    f"one of {', '.join(REWARDS)}, FILE.py:function or module:function")]
         for name in ("steps", "batch_prompts", "group_size", "max_new_tokens", "micro_batch", "mini_batches",
-                     "epochs", "save_every"):
+                     "epochs", "save_every", "max_gen_rounds"):
             checks.append((name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1"))
         for name in ("temperature", "lr", "tis_cap"):
             checks.append((name, getattr(self, name) > 0, "> 0"))
         for name in ("weight_decay", "grad_clip", "eps_low", "eps_high", "beta"):
             checks.append((name, getattr(self, name) >= 0, ">= 0"))
         checks.append(("warmup", 0 <= self.warmup <= 1, "a fraction in [0, 1]"))
+        checks.append(("dynamic_sampling", self.algo == "grpo" or not self.dynamic_sampling, "GRPO (--algo grpo)"))
         checks.append(("group_size", self.algo == "sft" or self.group_size >= 2, ">= 2 for GRPO (advantages "
                                                                                   "compare samples of one prompt)"))
         for name, ok, expected in checks:
@@ -119,8 +126,9 @@ def step_problems(problems: list[Problem], cfg: TrainConfig, step: int) -> list[
     return out
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:4], "little")
+def step_seed(seed: int, step: int, rank: int, round_: int = 0) -> int:
+    key = f"{seed}/{step}/{rank}" + (f"/{round_}" if round_ else "")  # round 0: plain GRPO's seed
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
 class Trainer:
@@ -151,16 +159,25 @@ class Trainer:
         self.stop_requested = False
 
     # ---- one step ---------------------------------------------------------------------------
-    def rollout(self, step: int, problems: list[Problem]):
+    def rollout(self, step: int, problems: list[Problem], round_: int = 0):
         cfg = self.cfg
         prompts = chat_prompts(self.tok, [p.question for p in problems], cfg.suffix, cfg.system or None)
         ro = self.engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, repeats=cfg.group_size,  # N = B·G
-                                  temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank))
+                                  temperature=cfg.temperature, seed=step_seed(cfg.seed, step, self.rank, round_))
         G = cfg.group_size
         scores = score(self.reward, ro.completions, [pr for pr in prompts for _ in range(G)],
                        [p.columns for p in problems for _ in range(G)])
         rewards = torch.tensor([float("nan") if x is None else x for x in scores])  # [N], NaN: no score
         return ro, rewards
+
+    def dynamic_rollout(self, step: int, mine: list[Problem]):
+        """Rounds of rollouts until len(mine) informative groups (see dynamic_sampling)."""
+        def generate(round_: int):
+            problems = mine if round_ == 0 else refill_problems(self.problems, len(mine), self.cfg.seed,
+                                                                step * self.world + self.rank, round_)
+            return (problems, *self.rollout(step, problems, round_))
+        return sample_informative(generate, len(mine), self.cfg.group_size, self.cfg.max_gen_rounds,
+                                  self.engine.pad)
 
     def sft_batch(self, problems: list[Problem]):
         """Prompt + gold solution + EOS, as a Rollout-shaped batch."""
@@ -212,12 +229,17 @@ class Trainer:
         metrics: dict = {"step": step, "lr": lr}
         G = cfg.group_size if cfg.algo == "grpo" else 1
         if cfg.algo == "grpo":
-            ro, rewards = self.rollout(step, mine)
+            if cfg.dynamic_sampling:
+                ro, rewards, mine, generated, found = self.dynamic_rollout(step, mine)
+                metrics.update(found)
+            else:
+                ro, rewards = self.rollout(step, mine)
+                generated = rewards
             t_gen = time.time() - t0
             adv = group_advantages(rewards, G, cfg.std_norm)  # [N] on the CPU, like every row index here
             batch = dict(ids=ro.input_ids, amask=ro.attention_mask, cmask=ro.completion_mask, P=ro.prompt_len,
                          adv=adv.to(ro.input_ids.device), logp_roll=ro.logp_rollout)
-            gen_tokens = float(ro.completion_mask.sum())
+            gen_tokens = float(ro.completion_mask.sum()) if not cfg.dynamic_sampling else float(found["rollout_tokens"])
             # groups with zero advantage add nothing to the loss when there is no KL term: skip their compute
             live = adv.view(-1, G).ne(0).any(dim=1) if cfg.beta == 0 else torch.ones(len(adv) // G, dtype=torch.bool)
             groups = torch.nonzero(live).flatten()[:, None] * G + torch.arange(G)  # [b_live, G] whole groups
@@ -245,13 +267,16 @@ class Trainer:
         metrics.update(loss=totals["loss"] / max(n_updates, 1), grad_norm=totals["grad_norm"] / max(n_updates, 1),
                        skipped=n_updates > 0 and totals["skipped"] == n_updates, skipped_updates=totals["skipped"],
                        updates=n_updates, step_time=time.time() - t0)
-        if cfg.algo == "grpo":
-            scored = ~torch.isnan(rewards)
-            sums = dist.all_sum(torch.tensor([rewards[scored].sum().item(), float(scored.sum()), float(len(rewards)),
-                                              gen_tokens, zero_std_fraction(rewards, G) * len(mine)]))
+        if cfg.algo == "grpo":  # over every rollout generated (with dynamic sampling: every round's)
+            scored = ~torch.isnan(generated)
+            n_groups = len(generated) // G
+            sums = dist.all_sum(torch.tensor([generated[scored].sum().item(), float(scored.sum()),
+                                              float(len(generated)), gen_tokens,
+                                              zero_std_fraction(generated, G) * n_groups, float(n_groups)]))
             mean_reward = sums[0].item() / max(sums[1].item(), 1.0)
             metrics.update(reward_mean=mean_reward, accuracy=mean_reward, unscored=sums[2].item() - sums[1].item(),
-                           zero_std_frac=sums[4].item() / cfg.batch_prompts,
+                           rollouts=int(sums[2].item()),
+                           zero_std_frac=sums[4].item() / max(sums[5].item(), 1.0),
                            response_len=sums[3].item() / sums[2].item(), gen_time=t_gen,
                            tokens_per_s=sums[3].item() / max(t_gen, 1e-9) / self.world,
                            logp_gap=sum(gaps) / len(gaps) if gaps else 0.0,
