@@ -9,6 +9,7 @@
     python benchmarks/bench.py memory    # peak RSS of a training step: tinylora vs LoRA r=1 vs full
     python benchmarks/bench.py serve     # tinylora serve, 32 clients, 1 vs 1,000 adapters vs PEFT set_adapter
     python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device)
+    python benchmarks/bench.py pack      # a million adapters in one pack: bytes, start-up, memory, throughput
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
@@ -20,13 +21,14 @@ import argparse
 from adapters import bench_bank, bench_overhead, bench_size
 from grpo_vs_trl import bench_trl
 from memory import bench_memory
+from pack_scale import bench_pack
 from rollout_speed import bench_ceiling
 from serve_load import bench_engine, bench_serve
 from startup import bench_svd
 
 BENCHES = {"trl": bench_trl, "ceiling": bench_ceiling, "overhead": bench_overhead, "size": bench_size,
            "svd": bench_svd, "bank": bench_bank, "memory": bench_memory, "serve": bench_serve,
-           "engine": bench_engine}
+           "engine": bench_engine, "pack": bench_pack}
 
 
 def main() -> None:
@@ -46,11 +48,14 @@ def main() -> None:
     p.add_argument("--peft-adapters", type=int, default=16, help="PEFT adapters loaded (bank)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (serve)")
     p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (serve)")
-    p.add_argument("--adapters", type=int, default=1000, help="adapters the server loads (serve)")
+    p.add_argument("--adapters", type=int, default=None,
+                   help="adapters the server loads (serve: 1,000; pack: 1,000,000)")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # memory: the child process
     p.add_argument("--device", default="cpu", help="engine: cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     args = p.parse_args()
+    if args.adapters is None:
+        args.adapters = 1_000_000 if args.which == "pack" else 1000
     BENCHES[args.which](args)
 
 

@@ -71,3 +71,34 @@ def test_gsm8k_from_local_folder(tmp_path, monkeypatch):
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         load_task("mmlu")
+
+
+def test_training_pools_hold_no_held_out_question_for_every_task(tmp_path):
+    from tinylora.api import DataConfig
+    # generated: the default pool held 28 problems that are also held out ("What is a + b?" repeats)
+    data = DataConfig()
+    pool, dropped = data.training_pool(data.n, seed=0)
+    held = {p.question for p in data.problems("test", 200)}
+    old = data.raw_split("train", data.n, seed=0)
+    assert dropped == sum(p.question in held for p in old) > 0 and len(pool) == len(old) - dropped
+    assert not {p.question for p in pool} & held
+    assert data.problems("test", 200) == data.raw_split("test", 200)  # the evaluation set itself is unchanged
+    # GSM8K-shaped folder whose train split repeats a test question
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    rows = lambda qs: "".join(json.dumps({"question": q, "answer": f"so #### {i}"}) + "\n" for i, q in enumerate(qs))  # noqa: E731
+    (folder / "test.jsonl").write_text(rows(["Q1?", "Q2?"]))
+    (folder / "train.jsonl").write_text(rows(["T1?", " Q2? ", "T2?"]))
+    gsm = DataConfig(task="gsm8k", gsm8k_dir=str(folder), eval_n=2)
+    assert [p.question for p in gsm.problems("train", None)] == ["T1?", "T2?"]
+    # a user's file: a training row that repeats a held-out row's question is dropped; repeats among the
+    # training rows themselves stay
+    user = tmp_path / "mine.jsonl"
+    user.write_text(rows(["A?", "B?", "A?", "C?", "B?"]))  # held out (eval_n=2): the last two, "C?" and "B?"
+    mine = DataConfig(data=str(user), eval_n=2)
+    assert [p.question for p in mine.problems("train", None)] == ["A?", "A?"]
+    assert [p.question for p in mine.problems("test", None)] == ["C?", "B?"]
+    other = tmp_path / "held.jsonl"
+    other.write_text(rows(["A?"]))
+    assert [p.question for p in DataConfig(data=str(user), eval_data=str(other)).problems("train", None)] == \
+        ["B?", "C?", "B?"]

@@ -141,3 +141,77 @@ def test_kill_9_while_writing_loses_nothing_acknowledged(tmp_path):
     for name in acked:
         assert torch.equal(rows[name], torch.full(after.shape, float(int(name[1:]))))
     assert not [n for n, v in rows.items() if isinstance(v, Exception)]  # nothing half-written
+
+
+def test_a_server_over_a_pack_serves_it_pages_it_and_keeps_runtime_loads_across_kill_9(tmp_path):
+    """`tinylora serve --adapters PACK` as users run it: answers from the pack, lists it a page at a time,
+    writes a runtime load into the pack before answering, and serves it again after a kill -9."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import socket
+    import time
+
+    from test_serve import PROMPTS, alone, make_adapters, model_and_tokenizer
+    model, tok = model_and_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    paths = make_adapters(tmp_path / "a", n=1)  # u=2, n_tie=4
+    pack = Pack.create(tmp_path / "users.tlpack", paths)
+    v = pack.get("user0")
+    pack.put({f"clone{i:04d}": v for i in range(1500)})  # more than one page of /v1/models
+    damaged = sqlite3.connect(str(pack.path))
+    damaged.execute("UPDATE adapters SET crc = crc + 1 WHERE name = 'clone0007'")
+    damaged.commit()
+    damaged.close()
+    cmd = [sys.executable, "-m", "tinylora", "serve", "--model", str(tmp_path / "base"), "--adapters", str(pack.path),
+           "--allow-runtime-adapters", "--log-level", "warning"]
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
+            try:
+                if httpx.get(url + "/models").status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+    def complete(url, name):
+        return httpx.post(url + "/completions", json={"model": name, "prompt": PROMPTS[1], "max_tokens": 6,
+                                                      "temperature": 0}, timeout=60)
+
+    proc, url = start()
+    try:
+        first = httpx.get(url + "/models").json()
+        assert first["total"] == 1502 and first["has_more"] and len(first["data"]) == 1001
+        assert first["data"][0]["id"] == str(tmp_path / "base") and first["data"][1]["id"] == "clone0000"
+        rest = httpx.get(url + "/models", params={"after": first["data"][-1]["id"]}).json()
+        assert len(rest["data"]) == 501 and not rest["has_more"] and rest["data"][-1]["id"] == "user0"
+        expected = alone(paths[0], PROMPTS[1], 6)
+        assert complete(url, "clone0042").json()["choices"][0]["text"] == expected
+        bad = complete(url, "clone0007")
+        assert bad.status_code == 500 and "'clone0007' is damaged" in bad.json()["error"]["message"]
+        assert complete(url, "clone0008").status_code == 200  # the rest still serve
+        new_v = (v * -1.5).flatten().tolist()
+        r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "late", "adapter": {
+            "config": {"u": 2, "n_tie": 4}, "v": new_v}})
+        assert r.status_code == 200, r.text
+        late = complete(url, "late").json()["choices"][0]["text"]
+        assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": "clone0001"}).status_code == 200
+    finally:
+        proc.kill()  # kill -9: no shutdown, no flush
+        proc.wait()
+    after = Pack(pack.path)
+    assert "late" in after and "clone0001" not in after and len(after) == 1501
+    proc, url = start()
+    try:
+        assert complete(url, "late").json()["choices"][0]["text"] == late
+        assert complete(url, "clone0001").status_code == 404
+    finally:
+        proc.kill()
+        proc.wait()

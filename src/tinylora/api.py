@@ -109,7 +109,7 @@ class DataConfig:
         `training_pool`)."""
         if split == "train":
             return self.training_pool(n, seed)[0]
-        return self._split(split, n, seed)
+        return self.raw_split(split, n, seed)
 
     def training_pool(self, n: int | None, seed: int = 0) -> tuple[list[Problem], int]:
         """(training problems, how many were dropped): the first `n` training problems less every one whose
@@ -118,14 +118,14 @@ class DataConfig:
         file's last eval_n rows. Repeats inside the training rows themselves are kept: they are the file's
         weighting."""
         from .tasks import without_questions
-        pool = self._split("train", n, seed)
+        pool = self.raw_split("train", n, seed)
         if self.source.endswith(".jsonl") and not self.eval_data:
-            held = self._split("test", None) if self.eval_n else []
+            held = self.raw_split("test", None) if self.eval_n else []
         else:
-            held = self._split("test", None if self.eval_data else max(self.eval_n, HELD_OUT_GUARD))
+            held = self.raw_split("test", None if self.eval_data else max(self.eval_n, HELD_OUT_GUARD))
         return without_questions(pool, held)
 
-    def _split(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
+    def raw_split(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
         """`n` problems of `split` as the task lays them out. A data file has no splits: the held-out rows are
         --eval-data, or else the last eval_n rows of the file, which training then leaves out (eval_n = 0: the
         whole file for both)."""

@@ -9,6 +9,10 @@ u, n_tie, tying or seed still share a batch.
     bank = AdapterBank(model, ["alice.safetensors", "bob.safetensors"])
     with bank.rows(["bob", "alice", None]):   # None: the base model
         model.generate(...)                    # (or the Engine, which tracks rows as they come and go)
+
+Over a pack (`pack=Pack(...)`) the bank holds no adapter of it in memory: a row's R is built from its v
+(read from the pack, a few dozen bytes) and the pack's shared P when the row joins, and the last
+`PACK_CACHE` of them are kept. A million adapters then cost the pack's page cache, not a million stacks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,15 +35,16 @@ from .plan import tie_groups
 SERVABLE = ("tinylora", "lora-xs")
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these
 MAX_ABS_V = 1e4  # trained v stay far below; larger ones only overflow
+PACK_CACHE = 4096  # R stacks of pack adapters kept after use (~2.7 KB each on the default model)
 
 
 class AdapterBank:
     def __init__(self, model: nn.Module, paths: list[str | os.PathLike] = (), *, config: AdapterConfig | None = None,
-                 strict: bool = True, max_file_bytes: int | None = None, **kwargs):
-        """Attach the shared factors (from `config`, else the first file's config, else the default) and
-        load `paths`, each under its file name without `.safetensors`."""
+                 strict: bool = True, max_file_bytes: int | None = None, pack=None, **kwargs):
+        """Attach the shared factors (from `config`, else the pack's, else the first file's config, else the
+        default) and load `paths`, each under its file name without `.safetensors`; serve `pack`'s adapters."""
         if config is None:
-            config = read_adapter_file(paths[0])[0] if paths else AdapterConfig()
+            config = pack.config if pack is not None else read_adapter_file(paths[0])[0] if paths else AdapterConfig()
         if config.method not in SERVABLE:
             where = f"{paths[0]}: " if paths else ""
             raise ValueError(f"{where}a bank serves {'/'.join(SERVABLE)} adapters, not {config.method!r} "
@@ -48,15 +55,59 @@ class AdapterBank:
         self.strict, self.max_file_bytes = strict, max_file_bytes
         self._targets = [t.name for t in self.adapter.targets]
         self.R: dict[str, torch.Tensor] = {}  # name -> [n_modules, r, r], on the model's device
+        self.lock = threading.Lock()  # loads and unloads (server threads) against listing and lookups
+        self.pack, self._cached = pack, OrderedDict()  # pack adapters' R, most recently used last
+        if pack is not None:
+            check_fingerprint(pack.fingerprint, self.fingerprint, str(pack.path), strict)
+            self._check_shared(pack.config, str(pack.path))
         for p in paths:
             self.load(p)
 
     def __len__(self) -> int:
-        return len(self.R)
+        return len(self.R) + (len(self.pack) if self.pack is not None else 0)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.R or (self.pack is not None and name in self.pack)
 
     @property
     def names(self) -> list[str]:
-        return list(self.R)
+        """The adapters held in memory (files, runtime loads); a pack's are listed by `page`."""
+        with self.lock:
+            return list(self.R)
+
+    def page(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Names in memory, then up to `limit` of the pack's in sorted order after `after`."""
+        mine = self.names if not after else []
+        return mine + (self.pack.names(after=after, limit=limit) if self.pack is not None else [])
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The R stack of adapter `name`, or None; a damaged pack entry raises ValueError naming it."""
+        R = self.R.get(name)
+        if R is not None or self.pack is None:
+            return R
+        with self.lock:
+            R = self._cached.get(name)
+            if R is not None:
+                self._cached.move_to_end(name)
+                return R
+        try:
+            v = self.pack.get(name)
+        except KeyError:
+            return None
+        R = self.R_of(self.pack.config, v, source=f"{self.pack.path}::{name}")
+        with self.lock:
+            self._cached[name] = R
+            while len(self._cached) > PACK_CACHE:
+                self._cached.popitem(last=False)
+        return R
+
+    def _fits_pack(self, config: AdapterConfig, fp: dict | None) -> bool:
+        return self.pack is not None and config.to_json() == self.pack.config.to_json() \
+            and (fp is None or fp == self.pack.fingerprint)
+
+    def _forget(self, name: str) -> None:
+        with self.lock:
+            self._cached.pop(name, None)
 
     @property
     def device(self) -> torch.device:
@@ -72,27 +123,39 @@ class AdapterBank:
         config, meta, tensors = read_adapter_file(path)
         check_fingerprint(meta["fingerprint"], self.fingerprint, str(path), self.strict)
         name = name or path.name.removesuffix(".safetensors")
-        self.add(name, config, tensors.get("v"), source=str(path))
+        self.add(name, config, tensors.get("v"), source=str(path), fingerprint=meta["fingerprint"])
         return name
 
-    def add(self, name: str, config: AdapterConfig, v, *, source: str = "adapter") -> torch.Tensor:
-        self.R[name] = self.R_of(config, v, source=source)
-        return self.R[name]
+    def add(self, name: str, config: AdapterConfig, v, *, source: str = "adapter",
+            fingerprint: dict | None = None) -> torch.Tensor:
+        """Add (or replace) an adapter. With a pack, one that fits its config (and base) is written into the
+        pack, committed before this returns; others are held in memory."""
+        R = self.R_of(config, v, source=source)
+        if self._fits_pack(config, fingerprint):
+            self.pack.put({name: torch.as_tensor(v, dtype=torch.float32).to(self.pack.dtype)})
+            self._forget(name)
+            with self.lock:
+                self.R.pop(name, None)
+        else:
+            with self.lock:
+                self.R[name] = R
+        return R
 
     def remove(self, name: str) -> None:
-        if name not in self.R:
+        """Remove an adapter (from the pack too, durably, if it lives there)."""
+        with self.lock:
+            if name in self.R:
+                del self.R[name]
+                return
+        if self.pack is None or name not in self.pack:
             raise KeyError(name)
-        del self.R[name]
+        self.pack.remove([name])
+        self._forget(name)
 
     def R_of(self, config: AdapterConfig, v, *, source: str = "adapter") -> torch.Tensor:
         """The stack s·R [n_modules, r, r] of an adapter given by its config and v [n_groups, k] (a tensor or
         nested lists), after checking that it fits this bank; without adding it (inline adapters)."""
-        if config.method not in SERVABLE:
-            raise ValueError(f"{source}: method {config.method!r} cannot be served (only {'/'.join(SERVABLE)})")
-        for f in SHARED_FIELDS:
-            if getattr(config, f) != getattr(self.config, f):
-                raise ValueError(f"{source}: {f}={getattr(config, f)!r} differs from this bank's "
-                                 f"{getattr(self.config, f)!r} (adapters in one bank share U, Σ, V)")
+        self._check_shared(config, source)
         if v is None:
             raise ValueError(f"{source}: holds no 'v' tensor")
         try:
@@ -114,6 +177,14 @@ class AdapterBank:
         R = config.scale * torch.einsum("mk,mkij->mij", v[group_of], P)  # [n_modules, r, r]
         return R.to(self.device)
 
+    def _check_shared(self, config: AdapterConfig, source: str) -> None:
+        if config.method not in SERVABLE:
+            raise ValueError(f"{source}: method {config.method!r} cannot be served (only {'/'.join(SERVABLE)})")
+        for f in SHARED_FIELDS:
+            if getattr(config, f) != getattr(self.config, f):
+                raise ValueError(f"{source}: {f}={getattr(config, f)!r} differs from this bank's "
+                                 f"{getattr(self.config, f)!r} (adapters in one bank share U, Σ, V)")
+
     # ---- rows ---------------------------------------------------------------------------------
     def stack(self, which) -> torch.Tensor:
         """[batch, n_modules, r, r] for a list of names (or indices into `names`; None: the base)."""
@@ -123,9 +194,10 @@ class AdapterBank:
             if w is None:
                 out.append(self.zeros())
             elif isinstance(w, str):
-                if w not in self.R:
+                R = self.get(w)
+                if R is None:
                     raise KeyError(f"no adapter named {w!r} in this bank")
-                out.append(self.R[w])
+                out.append(R)
             else:
                 if not 0 <= int(w) < len(names):
                     raise IndexError(f"adapter ids must lie in [0, {len(names)}), got {w}")

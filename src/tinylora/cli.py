@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch.")
     from .serve.limits import Limits
     add_config_args(p.add_argument_group("model"), ModelConfig)
-    p.add_argument("--adapters", help="folder whose *.safetensors adapters are all served")
+    p.add_argument("--adapters", action="append", metavar="FOLDER_OR_PACK",
+                   help="a folder whose *.safetensors adapters are all served, or an adapter pack (`tinylora pack`: "
+                        "read as requests name its adapters, a million start in a second); repeat for several")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")

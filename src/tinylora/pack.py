@@ -17,9 +17,11 @@ still load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import threading
 import zlib
 from pathlib import Path
 
@@ -77,6 +79,7 @@ class Pack:
         if not _create and not is_pack(self.path):
             raise ValueError(f"{self.path}: not a tinylora pack (not an SQLite file)")
         self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.lock = threading.RLock()  # one connection shared by a server's threads: one statement at a time
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         if not _create:
@@ -121,7 +124,7 @@ class Pack:
 
     def _read_meta(self) -> None:
         try:
-            meta = dict(self.db.execute("SELECT key, value FROM meta"))
+            meta = dict(self._all("SELECT key, value FROM meta"))
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path}: not a tinylora pack ({e})") from None
         if meta.get("format") != PACK_FORMAT:
@@ -135,8 +138,13 @@ class Pack:
         self.dtype = DTYPES[self.config.v_dtype]
         self.shape = tuple(json.loads(meta["v_shape"]))  # [groups, numbers per group]
 
+    def _all(self, sql: str, args=()) -> list:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            self.db.close()
 
     def __enter__(self) -> "Pack":
         return self
@@ -145,31 +153,31 @@ class Pack:
         self.close()
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT count(*) FROM adapters").fetchone()[0]
+        return self._all("SELECT count(*) FROM adapters")[0][0]
 
     def __contains__(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
+        return bool(self._all("SELECT 1 FROM adapters WHERE name = ?", (name,)))
 
     def names(self, after: str = "", limit: int | None = None) -> list[str]:
         """Names in sorted order, from after `after` (paging: pass the last name of the previous page)."""
         q = "SELECT name FROM adapters WHERE name > ? ORDER BY name" + (" LIMIT ?" if limit else "")
-        return [r[0] for r in self.db.execute(q, (after, limit) if limit else (after,))]
+        return [r[0] for r in self._all(q, (after, limit) if limit else (after,))]
 
     def info(self) -> dict:
         return {"path": str(self.path), "adapters": len(self), "bytes": self.path.stat().st_size,
                 "config": json.loads(self.config.to_json()), "base": self.base, "fingerprint": self.fingerprint}
 
     # ---- writing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _transaction(self):
-        db = self.db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")  # the write lock now: a second writer waits, never interleaves
-
-            def __exit__(self, kind, *_):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
-        return _Tx()
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")  # the write lock now: a second writer waits, never interleaves
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")  # durable (WAL, synchronous=FULL) before the caller hears of it
 
     def check(self, config: AdapterConfig, fingerprint: dict, source: str) -> None:
         """Refuse, with the reason, an adapter whose config or base differs from the pack's."""
@@ -226,17 +234,16 @@ class Pack:
     # ---- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """v of adapter `name` [groups, numbers]; a damaged row is refused by name."""
-        row = self.db.execute("SELECT v, crc FROM adapters WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        rows = self._all("SELECT v, crc FROM adapters WHERE name = ?", (name,))
+        if not rows:
             raise KeyError(f"pack {self.path} holds no adapter named {name!r}")
-        return self._decode(name, *row)
+        return self._decode(name, *rows[0])
 
     def items(self, batch: int = 10_000):
         """(name, v or the error that refuses it) for every adapter, streamed in name order."""
         after = ""
         while True:
-            rows = self.db.execute("SELECT name, v, crc FROM adapters WHERE name > ? ORDER BY name LIMIT ?",
-                                   (after, batch)).fetchall()
+            rows = self._all("SELECT name, v, crc FROM adapters WHERE name > ? ORDER BY name LIMIT ?", (after, batch))
             if not rows:
                 return
             for name, blob, crc in rows:

@@ -9,21 +9,29 @@ from .limits import Limits
 __all__ = ["Limits", "build_server"]
 
 
-def build_server(model, tokenizer, *, name: str, adapters: str | Path | None = None, config=None,
+def build_server(model, tokenizer, *, name: str, adapters=None, config=None,
                  limits: Limits | None = None, strict: bool = True, weights: str = "auto", **kwargs):
-    """A Server over `model`: every *.safetensors adapter in the folder `adapters` is validated and loaded,
-    under its file name without .safetensors."""
+    """A Server over `model`. `adapters`: a folder, a pack file, or a list of them (at most one pack): every
+    *.safetensors adapter in a folder is validated and loaded under its file name without .safetensors; a
+    pack's adapters are read from it as requests name them (nothing is loaded ahead)."""
     from ..bank import AdapterBank
+    from ..pack import Pack, is_pack
     from .app import Server
     limits = limits or Limits()
-    paths = []
-    if adapters is not None:
-        folder = Path(adapters)
-        if not folder.is_dir():
-            raise ValueError(f"--adapters {folder}: not a folder")
-        paths = sorted(folder.glob("*.safetensors"))
-        if name in {p.name.removesuffix(".safetensors") for p in paths}:
-            raise ValueError(f"{folder}: an adapter is named like the base model ({name!r})")
+    sources = [] if adapters is None else [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    paths, packs = [], []
+    for source in map(Path, sources):
+        if source.is_file() and is_pack(source):
+            packs.append(Pack(source))
+        elif source.is_dir():
+            paths += sorted(source.glob("*.safetensors"))
+        else:
+            raise ValueError(f"--adapters {source}: not a folder of adapters or an adapter pack")
+    if len(packs) > 1:
+        raise ValueError(f"--adapters: one pack per server ({', '.join(str(p.path) for p in packs)} given)")
+    pack = packs[0] if packs else None
+    if name in {p.name.removesuffix(".safetensors") for p in paths} or (pack is not None and name in pack):
+        raise ValueError(f"--adapters: an adapter is named like the base model ({name!r})")
     bank = AdapterBank(model, paths, config=config, strict=strict, max_file_bytes=limits.max_adapter_bytes,
-                       progress=False)
+                       pack=pack, progress=False)
     return Server(model, tokenizer, bank, name=name, limits=limits, weights=weights, **kwargs)

@@ -27,6 +27,8 @@ from .protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequ
 from .limits import Limits
 from .worker import Job, QueueFull, Worker
 
+MODELS_PAGE = 1000  # /v1/models lists at most this many adapters per call (a pack may hold millions)
+
 
 class Server:
     """The state behind the routes: model name, tokenizer, adapter bank, engine thread, limits."""
@@ -55,7 +57,10 @@ class Server:
                 raise APIError(400, str(e), param="adapter") from e
         if req.model == self.name:
             return None
-        R = self.bank.R.get(req.model)
+        try:
+            R = self.bank.get(req.model)
+        except ValueError as e:  # a damaged pack entry: refused by name, the others still serve
+            raise APIError(500, str(e), type="server_error") from e
         if R is None:
             raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
         return R
@@ -331,10 +336,17 @@ def create_app(server: Server) -> FastAPI:
         return {"status": "ok", "rows": server.worker.rows}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(after: str = "", limit: int = MODELS_PAGE):
+        """The base and the adapters, a page at a time over a pack (`after`: the last id of the previous page)."""
+        if not 1 <= limit <= MODELS_PAGE:
+            raise APIError(400, f"limit={limit}: expected 1 to {MODELS_PAGE}", param="limit")
         card = lambda name, parent: {"id": name, "object": "model", "created": server.created,  # noqa: E731
                                      "owned_by": "tinylora", "root": server.name, "parent": parent}
-        return {"object": "list", "data": [card(server.name, None)] + [card(n, server.name) for n in server.bank.names]}
+        names = await run_in_threadpool(server.bank.page, after, limit)
+        base = [] if after else [card(server.name, None)]
+        more = server.bank.pack is not None and len(names) > 0 and bool(server.bank.pack.names(names[-1], 1))
+        return {"object": "list", "data": base + [card(n, server.name) for n in names], "total": len(server.bank) + 1,
+                "has_more": more}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -354,7 +366,7 @@ def create_app(server: Server) -> FastAPI:
             return await _load(req)
 
     async def _load(req: LoadAdapterRequest):
-        if req.lora_name == server.name or req.lora_name in server.bank.R:
+        if req.lora_name == server.name or req.lora_name in server.bank:
             raise APIError(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
         if (req.lora_path is None) == (req.adapter is None):
             raise APIError(400, "give exactly one of lora_path (a file on the server) and adapter (inline)")
@@ -371,10 +383,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(req: UnloadAdapterRequest):
         _runtime_allowed(server)
-        if req.lora_name not in server.bank.R:
+        if req.lora_name not in server.bank:
             raise APIError(404, f"no adapter named {req.lora_name!r} is loaded", param="lora_name",
                            code="model_not_found")
-        server.bank.remove(req.lora_name)  # requests already running keep their copy of its R
+        await run_in_threadpool(server.bank.remove, req.lora_name)  # running requests keep their copy of its R
         return {"object": "model", "id": req.lora_name, "status": "unloaded"}
 
     return app
