@@ -3,8 +3,9 @@
 Builds packs of `--adapters` (default 1,000,000) random adapters of the paper's size (u=1, n_tie=16: 11
 numbers on the default model; a second pack of 13, the 1.5B model's count, for its size alone), then runs
 `tinylora serve` twice, side by side: over no adapters and over the pack. Reported: pack bytes per adapter,
-time to /health and RSS of each server, /v1/models latency on the first and a deep page, and completion
-tokens/s of `--clients` closed-loop clients with one adapter for all vs a different adapter per request.
+time to /health and RSS of each server (when ready, and after the same amount of generation), /v1/models
+latency on the first and a deep page, and completion tokens/s of `--clients` closed-loop clients: the base
+model on the server without adapters, then one adapter for all vs a different adapter per request.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def bench_pack(args) -> None:
         ready = time.perf_counter() - t
         try:
             import httpx
-            page = {}
-            if extra:
+            page, rss_ready = {}, rss_mb(proc.pid)
+            if not extra:
+                runs["base model, no adapters loaded"] = asyncio.run(drive(port, plan(lambda i: "base")))
+            else:
                 for where, params in (("first page", {}), ("a deep page", {"after": f"u{n // 2:07d}"})):
                     t = time.perf_counter()
                     r = httpx.get(f"http://127.0.0.1:{port}/v1/models", params=params, timeout=60)
@@ -89,7 +92,7 @@ def bench_pack(args) -> None:
                 runs["1 adapter for all requests"] = asyncio.run(drive(port, plan(lambda i: "u0000000")))
                 runs["a different adapter per request"] = asyncio.run(
                     drive(port, plan(lambda i: f"u{(i * 7919 + 12345) % n:07d}")))
-            servers[label] = (ready, rss_mb(proc.pid), page)
+            servers[label] = (ready, rss_ready, rss_mb(proc.pid), page)
         finally:
             stop(proc)
 
@@ -98,11 +101,13 @@ def bench_pack(args) -> None:
           [[f"{k} fp32 numbers", f"{n:,}", f"{b:,}", f"{b / n:.1f}", f"{4 * k}", f"{s:.1f}"]
            for k, (_, s, b) in sizes.items()])
     print()
-    base_rss = servers["no adapters"][1]
-    table(["tinylora serve over", "ready (s, process start to /health)", "RSS MB", "RSS over no adapters MB"],
-          [[k, f"{r:.1f}", f"{m:.0f}", f"{m - base_rss:+.0f}"] for k, (r, m, _) in servers.items()])
+    _, base_ready, base_after, _ = servers["no adapters"]
+    table(["tinylora serve over", "ready (s, process start to /health)", "RSS when ready MB", "RSS after its runs MB",
+           "over no adapters, ready / after MB"],
+          [[k, f"{r:.1f}", f"{m0:.0f}", f"{m1:.0f}", f"{m0 - base_ready:+.0f} / {m1 - base_after:+.0f}"]
+           for k, (r, m0, m1, _) in servers.items()])
     print()
-    pages = servers[f"a pack of {n:,}"][2]
+    pages = servers[f"a pack of {n:,}"][3]
     table(["/v1/models", "seconds", "ids"], [[k, f"{s:.3f}", c] for k, (s, c) in pages.items()])
     print()
     table(["workload", "requests", "tokens", "tok/s", "p50 s", "p99 s"],
