@@ -170,7 +170,8 @@ def test_a_server_over_a_pack_serves_it_pages_it_and_keeps_runtime_loads_across_
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.time() + 120
         while True:

@@ -279,23 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "each adapter as its name (its file name without .safetensors) and v. Every change is one "
                        "transaction: a kill never loses what was acknowledged. Load one with --adapter PACK::NAME.")
     acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, what in (("create", "a new pack from adapter files or folders of them"),
-                         ("add", "add or replace adapter files (or folders) in a pack")):
-        a = acts.add_parser(action, help=what)
+
+    def action(name: str, what: str) -> argparse.ArgumentParser:
+        a = acts.add_parser(name, help=what)
         a.add_argument("pack", help="pack file")
-        a.add_argument("files", nargs="+" if action == "add" else "*", help="*.safetensors files or folders")
-    a = acts.add_parser("rm", help="remove adapters by name")
-    a.add_argument("pack", help="pack file")
-    a.add_argument("names", nargs="+", help="adapter names")
-    a = acts.add_parser("list", help="adapter names, sorted (page with --after and --limit)")
-    a.add_argument("pack", help="pack file")
+        return a
+    action("create", "a new pack from adapter files or folders of them").add_argument(
+        "files", nargs="*", help="*.safetensors files or folders")
+    action("add", "add or replace adapter files (or folders) in a pack").add_argument(
+        "files", nargs="+", help="*.safetensors files or folders")
+    action("rm", "remove adapters by name").add_argument("names", nargs="+", help="adapter names")
+    a = action("list", "adapter names, sorted (page with --after and --limit)")
     a.add_argument("--after", help="start after this name")
     a.add_argument("--limit", type=int, help="at most this many names")
-    a = acts.add_parser("info", help="count, size, shared config and base")
-    a.add_argument("pack", help="pack file")
-    a.add_argument("--json", action="store_true", help="print one JSON object")
-    a = acts.add_parser("extract", help="write one adapter as a normal .safetensors file")
-    a.add_argument("pack", help="pack file")
+    action("info", "count, size, shared config and base").add_argument(
+        "--json", action="store_true", help="print one JSON object")
+    a = action("extract", "write one adapter as a normal .safetensors file")
     a.add_argument("name", help="adapter name")
     a.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_pack)

@@ -8,11 +8,12 @@ bootstrap 95% interval of B's accuracy minus A's (problems resampled with replac
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from .tasks.jsonl import json_objects
 
 RULES = (("rule", "correct"), ("lenient", "lenient_correct"))
 BOOTSTRAP_RESAMPLES = 10_000
@@ -20,25 +21,15 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 def read_rows(path: str | Path) -> dict[int, dict]:
     """One evaluation's rows by problem index; a file with k samples per problem or a bad line is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation file not found: {path}")
     rows: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "index" not in row or "correct" not in row:
-                raise ValueError(f"{path}:{lineno}: not an evaluation row (needs 'index' and 'correct'; "
-                                 "use the eval_*.jsonl a run writes, or `tinylora eval --out`)")
-            if row["index"] in rows:
-                raise ValueError(f"{path}:{lineno}: a second row for problem {row['index']}: a paired comparison "
-                                 "needs one greedy answer per problem")
-            rows[row["index"]] = row
+    for lineno, row in json_objects(path, "evaluation file"):
+        if "index" not in row or "correct" not in row:
+            raise ValueError(f"{path}:{lineno}: not an evaluation row (needs 'index' and 'correct'; "
+                             "use the eval_*.jsonl a run writes, or `tinylora eval --out`)")
+        if row["index"] in rows:
+            raise ValueError(f"{path}:{lineno}: a second row for problem {row['index']}: a paired comparison "
+                             "needs one greedy answer per problem")
+        rows[row["index"]] = row
     if not rows:
         raise ValueError(f"{path}: no evaluation rows")
     return rows

@@ -26,12 +26,12 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-def load_jsonl(path: str | Path, prompt_template: str | None = None) -> list[Problem]:
+def json_objects(path: str | Path, what: str = "data file"):
+    """(line number, object) for every non-blank line of a JSONL file; a missing file, bad JSON or a line that
+    is not an object raises, naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    needed = template_fields(prompt_template) if prompt_template else ["question", "answer"]
-    problems = []
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -42,18 +42,26 @@ def load_jsonl(path: str | Path, prompt_template: str | None = None) -> list[Pro
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in needed if k not in row]
-            if missing:
-                what = "the prompt template uses" if prompt_template else "each line needs"
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; {what} "
-                                 + ", ".join(f'"{k}"' for k in needed))
-            q = prompt_template.format_map(row) if prompt_template else row["question"]
-            a = "" if row.get("answer") is None else str(row["answer"])
-            if not isinstance(q, str) or not q.strip() or (not prompt_template and not a.strip()):
-                raise ValueError(f"{path}:{lineno}: \"question\" and \"answer\" must be non-empty strings")
-            solution = str(row.get("solution") or (a if "####" in a else ""))
-            extra = {k: v for k, v in row.items() if k != "question"}  # as written: a custom reward gets them raw
-            problems.append(Problem(q, a.split("####")[-1].strip().replace(",", ""), solution, extra))
+            yield lineno, row
+
+
+def load_jsonl(path: str | Path, prompt_template: str | None = None) -> list[Problem]:
+    path = Path(path)
+    needed = template_fields(prompt_template) if prompt_template else ["question", "answer"]
+    problems = []
+    for lineno, row in json_objects(path):
+        missing = [k for k in needed if k not in row]
+        if missing:
+            what = "the prompt template uses" if prompt_template else "each line needs"
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; {what} "
+                             + ", ".join(f'"{k}"' for k in needed))
+        q = prompt_template.format_map(row) if prompt_template else row["question"]
+        a = "" if row.get("answer") is None else str(row["answer"])
+        if not isinstance(q, str) or not q.strip() or (not prompt_template and not a.strip()):
+            raise ValueError(f"{path}:{lineno}: \"question\" and \"answer\" must be non-empty strings")
+        solution = str(row.get("solution") or (a if "####" in a else ""))
+        extra = {k: v for k, v in row.items() if k != "question"}  # as written: a custom reward gets them raw
+        problems.append(Problem(q, a.split("####")[-1].strip().replace(",", ""), solution, extra))
     if not problems:
         raise ValueError(f"{path}: no problems found (empty file?)")
     return problems
