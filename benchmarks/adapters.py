@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from common import interleaved_times, median_time, paired_ratio, random_model, table
 
-from tinylora import AdapterConfig, attach, cpu_weights, save_adapter
+from tinylora import AdapterConfig, attach, save_adapter
 from tinylora.config import DEFAULT_TARGETS
+from tinylora.generation import weights as cpu_weights
 
 TARGETS = list(DEFAULT_TARGETS)
 
@@ -96,7 +97,7 @@ def bench_bank(args) -> None:
     """64 rows through our AdapterBank (one batch) vs PEFT, which runs one adapter at a time."""
     from peft import PeftModel, TinyLoraConfig, get_peft_model
 
-    from tinylora.bank import AdapterBank
+    from tinylora.generation.bank import AdapterBank
     rows_n, new = 64, args.new_tokens
     model = random_model(layers=args.layers)
     ids = torch.randint(0, 1000, (rows_n, 16), generator=torch.Generator().manual_seed(0))

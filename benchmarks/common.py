@@ -69,7 +69,7 @@ def matmul_gflops(m: int, k: int, n: int, reps: int = 10, dtype=torch.float32) -
 
 def packed_gflops(m: int, k: int, n: int, reps: int = 10) -> float:
     """The same through oneDNN with the weight pre-packed (what packed fp32 rollouts run)."""
-    from tinylora.cpu_weights import PackedWeights
+    from tinylora.generation.weights import PackedWeights
     x, w = torch.randn(m, k), PackedWeights(torch.nn.Linear(k, n, bias=False))
     packed = next(iter(w.copies.values()))
     return 2 * m * k * n / best_time(lambda: w.linear(x, packed, None), reps) / 1e9
@@ -77,7 +77,7 @@ def packed_gflops(m: int, k: int, n: int, reps: int = 10) -> float:
 
 def int8_gflops(m: int, k: int, n: int, reps: int = 10) -> float:
     """The same through fbgemm's dynamic int8 linear, with a quantized weight [n, k]."""
-    from tinylora.cpu_weights import quantize_weight
+    from tinylora.generation.weights import quantize_weight
     torch.backends.quantized.engine = "fbgemm"
     packed = torch.ops.quantized.linear_prepack(quantize_weight(torch.randn(n, k)), None)
     x = torch.randn(m, k)

@@ -18,10 +18,10 @@ from common import table
 
 from tinylora import AdapterConfig, attach
 from tinylora.config import DEFAULT_TARGETS
-from tinylora.rewards import strict_reward
-from tinylora.rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
 from tinylora.tasks import load_task
-from tinylora.train import TrainConfig, Trainer
+from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
+from tinylora.tasks.rewards import strict_reward
+from tinylora.training.trainer import TrainConfig, Trainer
 
 
 def ours(model, tok, problems, args) -> tuple[list[float], list[float], int]:

@@ -25,7 +25,7 @@ from tinylora import AdapterConfig, attach
 from tinylora.io import base_name, fingerprint
 from tinylora.models import load_model
 from tinylora.pack import Pack
-from tinylora.rollout import chat_prompts
+from tinylora.tasks.prompts import chat_prompts
 
 CHUNK = 100_000
 

@@ -18,8 +18,10 @@ import time
 import torch
 from common import int8_gflops, matmul_gflops, packed_gflops, random_model, table
 
-from tinylora import AdapterConfig, attach, cpu_weights
-from tinylora.rollout import chat_prompts, sample
+from tinylora import AdapterConfig, attach
+from tinylora.generation import weights as cpu_weights
+from tinylora.generation.engine import sample
+from tinylora.tasks.prompts import chat_prompts
 
 
 def flops_per_token(model, context: int) -> float:

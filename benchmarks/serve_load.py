@@ -28,11 +28,11 @@ import torch
 from common import table
 
 from tinylora import AdapterConfig, attach, save_adapter
-from tinylora.bank import AdapterBank
 from tinylora.export import export_peft
+from tinylora.generation.bank import AdapterBank
 from tinylora.io import read_adapter_file
 from tinylora.models import load_model
-from tinylora.rollout import chat_prompts
+from tinylora.tasks.prompts import chat_prompts
 
 
 def free_port() -> int:
@@ -173,9 +173,9 @@ def bench_serve(args) -> None:
 def bench_engine(args) -> None:
     """The engine alone (no HTTP): 64 rows decoding together with no adapter, one adapter, or a different
     adapter per row (of 1,000 in the bank), on a random-weight model of the default shape."""
-    from common import random_model, median_time
+    from common import median_time, random_model
 
-    from tinylora.engine import Engine, Sampling
+    from tinylora.generation.engine import Engine, Sampling
     from tinylora.testing import tiny_tokenizer
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

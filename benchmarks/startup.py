@@ -15,7 +15,7 @@ import torch
 from common import table
 
 from tinylora import AdapterConfig, attach
-from tinylora.svd import truncated_svd
+from tinylora.adapter.svd import truncated_svd
 
 QWEN7B_SHAPES = {  # (out, in): modules per layer
     (3584, 3584): 2,  # q_proj, o_proj

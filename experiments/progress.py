@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tinylora.sweep_results import read_results
+from tinylora.study.results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"

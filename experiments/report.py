@@ -16,7 +16,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from tinylora.sweep_results import read_curve
+from tinylora.study.results import read_curve
 
 SETTING_KEYS = ("method", "n-tie", "u", "r", "tie", "v-dtype")
 

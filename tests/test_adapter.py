@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.adapter import projections
+from tinylora.adapter.model import projections
 
 
 def _set_v(adapter, seed=0, std=0.3):

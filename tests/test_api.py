@@ -9,7 +9,7 @@ import torch
 
 from tinylora import AdapterConfig
 from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, train
-from tinylora.cli import main
+from tinylora.cli.main import main
 from tinylora.testing import tiny_model_and_tokenizer
 
 WORDS = [f"t{20 + i}" for i in range(12)]
@@ -24,7 +24,7 @@ def peaked_model(tmp_path_factory):
     # llama: a saved qwen2 folder makes AutoTokenizer pick Qwen2's tokenizer class over the tiny word-level one
     model, tok = tiny_model_and_tokenizer("llama", initializer_range=0.3)
     from tinylora import attach
-    from tinylora.rollout import chat_prompts
+    from tinylora.tasks.prompts import chat_prompts
     adapter = attach(model, AdapterConfig(u=1, n_tie="all"))
     tok.padding_side = "left"
     prompts = chat_prompts(tok, [f"{w} ?" for w in WORDS], "", None)
@@ -107,7 +107,7 @@ def test_invalid_options_fail_in_one_line_naming_the_option(flags, message, caps
 
 
 def test_a_reward_that_returns_garbage_is_reported(tmp_path):
-    from tinylora.rewards import load_reward, score
+    from tinylora.tasks.rewards import load_reward, score
     bad = tmp_path / "bad.py"
     bad.write_text("def short(completions, **kw):\n    return [1.0]\n\ndef nan(completions, **kw):\n"
                    "    return [float('nan')] * len(completions)\n")
@@ -117,7 +117,7 @@ def test_a_reward_that_returns_garbage_is_reported(tmp_path):
         score(load_reward(f"{bad}:nan"), ["a"], ["p"], [{}])
     with pytest.raises(ValueError, match="has no function 'other'"):
         load_reward(f"{bad}:other")
-    assert load_reward("tinylora.rewards:lenient_reward").__name__ == "lenient_reward"  # module:function works
+    assert load_reward("tinylora.tasks.rewards:lenient_reward").__name__ == "lenient_reward"  # module:function works
 
 
 def test_devices_and_dtypes_resolve_to_what_this_machine_has():
@@ -132,7 +132,8 @@ def test_devices_and_dtypes_resolve_to_what_this_machine_has():
 
 
 def test_generation_in_bf16_keeps_the_adapter_as_hooks():
-    from tinylora import attach, cpu_weights
+    from tinylora import attach
+    from tinylora.generation import weights as cpu_weights
     model, _ = tiny_model_and_tokenizer("llama")
     attach(model, AdapterConfig())
     assert cpu_weights.for_generation(model.to(torch.bfloat16), "auto") .__class__ is cpu_weights.AdapterHooks
@@ -156,9 +157,9 @@ def test_tensorboard_gets_the_metrics(peaked_model, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
 def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path):
     from tinylora import attach
-    from tinylora.rewards import pairwise
     from tinylora.tasks import Problem
-    from tinylora.train import Trainer
+    from tinylora.tasks.rewards import pairwise
+    from tinylora.training.trainer import Trainer
     model, tok = tiny_model_and_tokenizer("qwen2", initializer_range=0.3)
     model = model.to("cuda", torch.bfloat16)
     adapter = attach(model, AdapterConfig(u=2, n_tie="all"))

@@ -1,7 +1,7 @@
 import torch
 
 from tinylora import AdapterConfig, attach, save_adapter
-from tinylora.bank import AdapterBank
+from tinylora.generation.bank import AdapterBank
 from tinylora.testing import tiny_model
 
 CONFIG = AdapterConfig(u=2, n_tie=4)

@@ -3,7 +3,7 @@ import json
 import torch
 
 from tinylora import AdapterConfig, attach, save_adapter
-from tinylora.cli import build_parser, main
+from tinylora.cli.main import build_parser, main
 from tinylora.testing import tiny_model
 
 
@@ -55,8 +55,8 @@ def test_info_and_export(tmp_path, capsys):
     assert info["v"]["v"][1] == [0.25] and info["trainable_params"] == 3
     # export loads model and tokenizer from the folder, so give it a (tiny) tokenizer
     tok_dir = tmp_path / "base"
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
                             eos_token="<unk>").save_pretrained(tok_dir)
     assert main(["export", "--model", str(tok_dir), "--adapter", str(path), "--out", str(tmp_path / "p")]) == 0

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tinylora import cpu_weights
-from tinylora.cli import main
+from tinylora.cli.main import main
+from tinylora.generation import weights as cpu_weights
 from tinylora.testing import tiny_model_and_tokenizer
 
 

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from tinylora import AdapterConfig, attach, cpu_weights
-from tinylora.rollout import sample, sequence_logprobs
+from tinylora import AdapterConfig, attach
+from tinylora.generation import weights as cpu_weights
+from tinylora.generation.engine import sample
 from tinylora.testing import tiny_model, tiny_model_and_tokenizer
+from tinylora.training.logprobs import sequence_logprobs
 
 needs_int8 = pytest.mark.skipif(not cpu_weights.int8_available(), reason="fbgemm int8 kernels exist on x86 CPUs only")
 needs_packed = pytest.mark.skipif(not cpu_weights.packed_available(), reason="this PyTorch build has no oneDNN")

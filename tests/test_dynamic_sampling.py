@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-
-from tinylora import grpo
-from tinylora.dynamic_sampling import concat_rollouts, informative_groups, refill_problems, sample_informative
-from tinylora.rewards import pairwise
-from tinylora.rollout import Rollout
-from tinylora.tasks import Problem
-
 from test_train import PROBLEMS, make_trainer, small_cfg
+
+from tinylora.generation.batch import Rollout
+from tinylora.tasks import Problem
+from tinylora.tasks.rewards import pairwise
+from tinylora.training import grpo
+from tinylora.training.dynamic_sampling import concat_rollouts, informative_groups, refill_problems, sample_informative
 
 G = 2
 
@@ -84,7 +83,7 @@ def test_tied_groups_never_reach_the_loss_in_training(tmp_path, monkeypatch):
     def spy(logp, old, adv, mask, **kw):
         seen.append(adv.detach().clone())
         return real(logp, old, adv, mask, **kw)
-    monkeypatch.setattr("tinylora.train.policy_loss", spy)
+    monkeypatch.setattr("tinylora.training.trainer.policy_loss", spy)
     # beta > 0: plain GRPO would send tied groups through the loss for their KL term
     trainer = make_trainer(tmp_path, small_cfg(steps=3, dynamic_sampling=True, max_gen_rounds=4, beta=0.1,
                                                micro_batch=4, group_size=4), reward=problem_gated_reward)

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from tinylora import AdapterConfig, attach, load_adapter, save_adapter
-from tinylora.bank import AdapterBank
-from tinylora.engine import Engine, Sampling
-from tinylora.sampling import top_p_filter
-from tinylora.rollout import sample
+from tinylora.generation.bank import AdapterBank
+from tinylora.generation.engine import Engine, Sampling, sample
+from tinylora.generation.sampling import top_p_filter
 from tinylora.testing import tiny_model_and_tokenizer
 
 PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44 t45 t46", "t50", "t60 t61"]

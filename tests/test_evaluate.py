@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from tinylora.adapter import AdapterConfig, attach
-from tinylora.engine import Engine
-from tinylora.evaluate import evaluate
+from tinylora import AdapterConfig, attach
+from tinylora.evaluation.evaluate import evaluate
+from tinylora.generation.engine import Engine
 from tinylora.tasks import Problem
 from tinylora.testing import tiny_model_and_tokenizer
 

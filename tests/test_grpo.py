@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tinylora.grpo import group_advantages, kl_k3, policy_loss, truncated_is_weight, zero_std_fraction
+from tinylora.training.grpo import group_advantages, kl_k3, policy_loss, truncated_is_weight, zero_std_fraction
 
 
 def test_group_advantages_by_hand():
@@ -71,8 +71,8 @@ def test_kl_is_zero_at_equal_policies_and_positive_otherwise():
 
 def test_kl_term_is_zero_at_v_zero_on_a_real_model():
     from tinylora import AdapterConfig, attach
-    from tinylora.rollout import sequence_logprobs
     from tinylora.testing import tiny_model
+    from tinylora.training.logprobs import sequence_logprobs
     model = tiny_model("qwen2")
     adapter = attach(model, AdapterConfig(u=2, n_tie=4))
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tinylora import AdapterConfig, attach, load_adapter, read_adapter_file, save_adapter
-from tinylora.cli import main
+from tinylora.cli.main import main
 from tinylora.pack import Pack, is_pack
 from tinylora.testing import tiny_model
 

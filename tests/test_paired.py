@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tinylora.cli import main
-from tinylora.paired import bootstrap_diff, compare, mcnemar_exact
+from tinylora.cli.main import main
+from tinylora.evaluation.paired import bootstrap_diff, compare, mcnemar_exact
 
 
 def write_eval(path, correct, lenient=None, prompts=None):

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from tinylora import AdapterConfig
+from tinylora.adapter.plan import Target, tie_groups, trainable_count
 from tinylora.count import count
-from tinylora.plan import Target, tie_groups, trainable_count
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

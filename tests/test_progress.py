@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from test_sweep import model_dir, read_csv, sweep_cmd, write_spec  # noqa: F401  (model_dir: a fixture)
 
-from tinylora.sweep_results import TIME_COLUMNS
+from tinylora.study.results import TIME_COLUMNS
 
 _spec = importlib.util.spec_from_file_location(
     "progress", Path(__file__).resolve().parent.parent / "experiments" / "progress.py")

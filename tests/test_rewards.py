@@ -1,6 +1,6 @@
 import pytest
 
-from tinylora.rewards import boxed_reward, extract_boxed, extract_strict, strict_reward
+from tinylora.tasks.rewards import boxed_reward, extract_boxed, extract_strict, strict_reward
 
 
 @pytest.mark.parametrize("completion,gold,expected", [
@@ -62,12 +62,12 @@ def test_boxed_nested_and_never_raises():
     ("", "7", 0.0),
 ])
 def test_lenient_reward_takes_the_last_number(completion, gold, expected):
-    from tinylora.rewards import lenient_reward
+    from tinylora.tasks.rewards import lenient_reward
     assert lenient_reward(completion, gold) == expected
 
 
 def test_evaluation_scores_strict_and_lenient_side_by_side():
-    from tinylora.evaluate import evaluate
+    from tinylora.evaluation.evaluate import evaluate
     from tinylora.tasks import Problem
     from tinylora.testing import tiny_model_and_tokenizer
     model, tok = tiny_model_and_tokenizer("llama")

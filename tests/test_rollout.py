@@ -1,9 +1,11 @@
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.sampling import sample_categorical
-from tinylora.rollout import completion_mask, group_logprobs, sample, sequence_logprobs
+from tinylora.generation.batch import completion_mask
+from tinylora.generation.engine import sample
+from tinylora.generation.sampling import sample_categorical
 from tinylora.testing import tiny_model_and_tokenizer
+from tinylora.training.logprobs import group_logprobs, sequence_logprobs
 
 PROMPTS = ["t20 t21 t22", "t30 ?", "t40 t41 t42 t43 t44", "t50"]
 

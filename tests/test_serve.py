@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from tinylora import AdapterConfig, attach, load_adapter, save_adapter  # noqa: E402
-from tinylora.rollout import sample  # noqa: E402
+from tinylora.generation.engine import sample  # noqa: E402
 from tinylora.serve import Limits, build_server  # noqa: E402
 from tinylora.serve.app import create_app  # noqa: E402
 from tinylora.testing import tiny_model_and_tokenizer  # noqa: E402

@@ -5,7 +5,7 @@ import textwrap
 
 import torch
 
-from tinylora.svd import cached_svd, canonical_signs, truncated_svd
+from tinylora.adapter.svd import cached_svd, canonical_signs, truncated_svd
 
 
 def test_canonical_signs_are_invariant_to_flips():

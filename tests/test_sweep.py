@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tinylora.cli import main
-from tinylora.sweep import _child_setup, load_spec
-from tinylora.sweep_results import TIME_COLUMNS
+from tinylora.cli.main import main
+from tinylora.study.results import TIME_COLUMNS
+from tinylora.study.sweep import _child_setup, load_spec
 from tinylora.testing import tiny_model_and_tokenizer
 
 

@@ -7,11 +7,12 @@ import textwrap
 import pytest
 import torch
 
-from tinylora import AdapterConfig, attach, cpu_weights
-from tinylora.rewards import pairwise
+from tinylora import AdapterConfig, attach
+from tinylora.generation import weights as cpu_weights
 from tinylora.tasks import Problem
+from tinylora.tasks.rewards import pairwise
 from tinylora.testing import tiny_model_and_tokenizer
-from tinylora.train import Trainer, TrainConfig, lr_at, step_problems
+from tinylora.training.trainer import TrainConfig, Trainer, lr_at, step_problems
 
 PROBLEMS = [Problem(f"t{20 + i} t{40 + i} ?", "0", "t30 t31 <eos>") for i in range(12)]
 
@@ -55,7 +56,7 @@ def planted_reward(trainer, c=0.3, k=16):
 
 def expected_reward(trainer, reward, samples=32):
     """Mean reward over many samples per problem: far less noisy than one step's batch."""
-    from tinylora.rollout import sample
+    from tinylora.generation.engine import sample
     ro = sample(trainer.model, trainer.tok, [p.question for p in PROBLEMS], max_new_tokens=8, repeats=samples,
                 seed=1234)
     return sum(reward(c, "") for c in ro.completions) / len(ro.completions)
@@ -140,7 +141,7 @@ def test_an_evaluation_cut_off_by_a_stop_runs_first_on_resume(tmp_path):
 
 
 def test_a_kill_during_an_evaluation_resumes_at_that_evaluation_whatever_save_every(tmp_path):
-    from tinylora.checkpoint import load_checkpoint
+    from tinylora.training.checkpoint import load_checkpoint
     calls = []
 
     def killed(done):
@@ -191,7 +192,7 @@ def test_lr_schedule_and_data_order():
 
 
 def test_torchrun_with_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    from tinylora import dist
+    from tinylora.training import dist
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -203,8 +204,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from tinylora import AdapterConfig, attach
     from tinylora.tasks import Problem
     from tinylora.testing import tiny_model_and_tokenizer
-    from tinylora.train import Trainer, TrainConfig
-    from tinylora.rewards import pairwise
+    from tinylora.training.trainer import Trainer, TrainConfig
+    from tinylora.tasks.rewards import pairwise
     model, tok = tiny_model_and_tokenizer("qwen2")
     adapter = attach(model, AdapterConfig(u=3, n_tie="all"), progress=False)
     problems = [Problem(f"t{20 + i} t{40 + i} ?", "0") for i in range(8)]
@@ -282,7 +283,7 @@ def test_clipped_updates_move_v_less_than_unclipped_ones(tmp_path):
 
 
 def test_unscored_samples_get_no_advantage(tmp_path):
-    from tinylora.grpo import group_advantages
+    from tinylora.training.grpo import group_advantages
     adv = group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0, float("nan"), float("nan"), 2.0, 5.0]), 4)
     assert adv[1] == 0 and adv[4] == 0 and adv[5] == 0 and torch.isfinite(adv).all()
     assert adv[0] > 0 > adv[2]

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cpu_weights, dist
-from .config import AdapterConfig
-from .embedded import DEFAULT_MODEL, listing
-from .models import DEVICES, DTYPES
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
-from .tasks import Problem
-from .train import TrainConfig
+from tinylora.config import AdapterConfig
+from tinylora.embedded import DEFAULT_MODEL, listing
+from tinylora.generation import weights as cpu_weights
+from tinylora.models import DEVICES, DTYPES
+from tinylora.tasks import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
+from tinylora.training import dist
+from tinylora.training.trainer import TrainConfig
 
 __all__ = ["AdapterConfig", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "evaluate", "train"]
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -91,7 +92,7 @@ class DataConfig:
         if self.eval_data and not self.source.endswith(".jsonl"):
             raise _bad("eval_data", self.eval_data, "to come with --data FILE.jsonl")
         if self.prompt_template is not None:
-            from .tasks.jsonl import template_fields
+            from tinylora.tasks.jsonl import template_fields
             template_fields(self.prompt_template)
             if not self.source.endswith(".jsonl"):
                 raise _bad("prompt_template", self.prompt_template, "a .jsonl data file to fill it")
@@ -117,7 +118,7 @@ class DataConfig:
         default evaluation, so `tinylora eval` later scores unseen problems too), --eval-data's rows, or a data
         file's last eval_n rows. Repeats inside the training rows themselves are kept: they are the file's
         weighting."""
-        from .tasks import without_questions
+        from tinylora.tasks import without_questions
         pool = self.raw_split("train", n, seed)
         if self.source.endswith(".jsonl") and not self.eval_data:
             held = self.raw_split("test", None) if self.eval_n else []
@@ -129,7 +130,7 @@ class DataConfig:
         """`n` problems of `split` as the task lays them out. A data file has no splits: the held-out rows are
         --eval-data, or else the last eval_n rows of the file, which training then leaves out (eval_n = 0: the
         whole file for both)."""
-        from .tasks import load_task
+        from tinylora.tasks import load_task
         if self.source.endswith(".jsonl"):
             if self.eval_data:
                 rows = load_task(self.eval_data if split == "test" else self.source,
@@ -175,7 +176,7 @@ class RunConfig:
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise _bad("eval_every", self.eval_every, "an integer >= 0")
         if self.eval_reward is not None:
-            from .rewards import load_reward
+            from tinylora.tasks.rewards import load_reward
             try:
                 load_reward(self.eval_reward)
             except (ValueError, FileNotFoundError) as e:
@@ -188,13 +189,13 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
 
     Returns the summary (also in OUT/summary.json). Resumable: run.resume continues from the last step.
     """
-    from .adapter import attach
-    from .evaluate import evaluate as score_problems
-    from .io import save_adapter
-    from .models import load_model, resolve_device
-    from .plots import plot_run
-    from .tracking import make_tracker
-    from .train import Trainer
+    from tinylora.adapter import attach
+    from tinylora.evaluation.evaluate import evaluate as score_problems
+    from tinylora.io import save_adapter
+    from tinylora.models import load_model, resolve_device
+    from tinylora.training.plots import plot_run
+    from tinylora.training.tracking import make_tracker
+    from tinylora.training.trainer import Trainer
 
     model, data, adapter = model or ModelConfig(), data or DataConfig(), adapter or AdapterConfig()
     cfg, run = training or TrainConfig(), run or RunConfig()
@@ -334,9 +335,9 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
     `split`: greedy, or `samples` sampled completions each (pass@k too). Scored by `reward` and leniently.
     `random_direction` (a seed): a control that replaces the adapter's v by a random vector of the same norm.
     """
-    from .evaluate import evaluate as score_problems
-    from .io import load_adapter
-    from .models import load_model
+    from tinylora.evaluation.evaluate import evaluate as score_problems
+    from tinylora.io import load_adapter
+    from tinylora.models import load_model
     model, data = model or ModelConfig(), data or DataConfig()
     checks = [("split", split in ("train", "test"), "'train' or 'test'"),
               ("samples", samples is None or samples >= 1, "an integer >= 1"),

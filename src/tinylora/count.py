@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import AdapterConfig
-from .embedded import CATALOGUE
-from .plan import find_targets, tie_groups, trainable_count
+from tinylora.adapter.plan import find_targets, tie_groups, trainable_count
+from tinylora.config import AdapterConfig
+from tinylora.embedded import CATALOGUE
 
 
 @lru_cache(maxsize=1)

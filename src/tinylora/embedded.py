@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .svd import cache_root
+from tinylora.cache import cache_root
 
 PREFIX = "embedded:"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter
-from .io import base_name
+from tinylora.adapter import Adapter
+from tinylora.io import base_name
 
 
 def lora_factors(adapter: Adapter, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from . import __version__
-from .adapter import Adapter, attach
-from .config import AdapterConfig
+from tinylora import __version__
+from tinylora.adapter import Adapter, attach
+from tinylora.config import AdapterConfig
 
 FORMAT = "tinylora-adapter"
 FORMAT_VERSION = "2"  # 2: a checksum of the stored tensors and a dtype-independent digest of the base
@@ -114,7 +114,7 @@ def read_adapter_file(path: str | os.PathLike, name: str | None = None) -> tuple
                                                                                 dict[str, torch.Tensor]]:
     """Parse and validate a file without a model: (config, metadata, tensors). A pack (see `pack`) needs the
     `name` of one of its adapters."""
-    from .pack import Pack, is_pack
+    from tinylora.pack import Pack, is_pack
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")

@@ -45,7 +45,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer) from a transformers model folder, a hub id or `embedded:NAME`, in eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .embedded import PREFIX, ensure_embedded, lookup
+    from tinylora.embedded import PREFIX, ensure_embedded, lookup
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     hub_id = None

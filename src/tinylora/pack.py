@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import AdapterConfig
+from tinylora import __version__
+from tinylora.config import AdapterConfig
 
 PACK_FORMAT = "tinylora-pack"
 PACK_VERSION = "1"
@@ -91,7 +91,7 @@ class Pack:
         """A new pack at `path` (which must not exist) holding `files` (files or folders of *.safetensors).
         The shared config, base and v shape come from the first file, or from `like` = (config, fingerprint,
         base, v_shape) for an empty pack."""
-        from .io import read_adapter_file
+        from tinylora.io import read_adapter_file
         path, files = Path(path), _expand(files)
         if path.exists():
             raise FileExistsError(f"{path} exists: add to it with `tinylora pack add`, or remove it first")
@@ -209,7 +209,7 @@ class Pack:
     def add(self, files, *, replace: bool = True) -> list[str]:
         """Add (or replace) adapter files, or every *.safetensors in folders, in one transaction; returns
         their names. A file that does not fit the pack is refused, naming it, and nothing is written."""
-        from .io import read_adapter_file
+        from tinylora.io import read_adapter_file
         items = {}
         for f in _expand(files):
             config, meta, tensors = read_adapter_file(f)
@@ -264,5 +264,5 @@ class Pack:
 
     def extract(self, name: str, out: str | os.PathLike) -> Path:
         """Write adapter `name` as a normal adapter file (loadable by `load_adapter`, `serve`, ...)."""
-        from .io import write_adapter_file
+        from tinylora.io import write_adapter_file
         return write_adapter_file(out, self.config, self.base, self.fingerprint, {"v": self.get(name)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .limits import Limits
+from tinylora.serve.limits import Limits
 
 __all__ = ["Limits", "build_server"]
 
@@ -14,9 +14,9 @@ def build_server(model, tokenizer, *, name: str, adapters=None, config=None,
     """A Server over `model`. `adapters`: a folder, a pack file, or a list of them (at most one pack): every
     *.safetensors adapter in a folder is validated and loaded under its file name without .safetensors; a
     pack's adapters are read from it as requests name them (nothing is loaded ahead)."""
-    from ..bank import AdapterBank
-    from ..pack import Pack, is_pack
-    from .app import Server
+    from tinylora.generation.bank import AdapterBank
+    from tinylora.pack import Pack, is_pack
+    from tinylora.serve.app import Server
     limits = limits or Limits()
     sources = [] if adapters is None else [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     paths, packs = [], []

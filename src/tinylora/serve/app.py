@@ -20,12 +20,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import AdapterConfig
-from ..engine import Engine, Sampling
-from .protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampled, UnloadAdapterRequest,
-                       error_response)
-from .limits import Limits
-from .worker import Job, QueueFull, Worker
+from tinylora.config import AdapterConfig
+from tinylora.generation.engine import Engine, Sampling
+from tinylora.serve.limits import Limits
+from tinylora.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    Sampled,
+    UnloadAdapterRequest,
+    error_response,
+)
+from tinylora.serve.worker import Job, QueueFull, Worker
 
 MODELS_PAGE = 1000  # /v1/models lists at most this many adapters per call (a pack may hold millions)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import Engine, Sampling, Sequence
+from tinylora.generation.engine import Engine, Sampling, Sequence
 
 
 class QueueFull(Exception):

@@ -34,13 +34,13 @@ def load_task(name: str, split: str = "train", n: int | None = None, seed: int =
     """Problems of a task: 'arithmetic' (generated offline), 'gsm8k' (hub or local folder), or a .jsonl path
     (`prompt_template`: its question, filled from each row's columns)."""
     if name == "arithmetic":
-        from .arithmetic import generate
+        from tinylora.tasks.arithmetic import generate
         return generate(n or 1000, seed=seed + (0 if split == "train" else 10_000), **kwargs)
     if name == "gsm8k":
-        from .gsm8k import load_gsm8k
+        from tinylora.tasks.gsm8k import load_gsm8k
         problems = load_gsm8k(split, **kwargs)
     elif name.endswith(".jsonl"):
-        from .jsonl import load_jsonl
+        from tinylora.tasks.jsonl import load_jsonl
         problems = load_jsonl(name, prompt_template)
     else:
         raise ValueError(f"unknown task {name!r}: expected one of 'arithmetic', 'gsm8k', or a path to a .jsonl file")

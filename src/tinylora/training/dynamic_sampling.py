@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .grpo import group_advantages
-from .rollout import Rollout
-from .tasks import Problem
+from tinylora.generation.batch import Rollout
+from tinylora.tasks import Problem
+from tinylora.training.grpo import group_advantages
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tasks.jsonl import json_objects
+from tinylora.tasks.jsonl import json_objects
 
 RULES = (("rule", "correct"), ("lenient", "lenient_correct"))
 BOOTSTRAP_RESAMPLES = 10_000

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import Adapter, attach, projections
-from .config import AdapterConfig
-from .io import check_fingerprint, fingerprint, read_adapter_file
-from .plan import tie_groups
+from tinylora.adapter.model import Adapter, attach, projections
+from tinylora.adapter.plan import tie_groups
+from tinylora.config import AdapterConfig
+from tinylora.io import check_fingerprint, fingerprint, read_adapter_file
 
 SERVABLE = ("tinylora", "lora-xs")
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these

@@ -23,14 +23,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import cpu_weights, dist
-from .checkpoint import load_checkpoint, save_checkpoint
-from .engine import Engine
-from .dynamic_sampling import refill_problems, sample_informative
-from .grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
-from .rewards import REWARDS, is_builtin, load_reward, score
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts, group_logprobs, sequence_logprobs
-from .tasks import Problem
+from tinylora.generation import weights as cpu_weights
+from tinylora.generation.engine import Engine
+from tinylora.tasks import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
+from tinylora.tasks.rewards import REWARDS, is_builtin, load_reward, score
+from tinylora.training import dist
+from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
+from tinylora.training.dynamic_sampling import refill_problems, sample_informative
+from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
+from tinylora.training.logprobs import group_logprobs, sequence_logprobs
 
 
 @dataclass

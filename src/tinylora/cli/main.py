@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from .config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
+from tinylora.config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
 
 
 def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -57,30 +57,30 @@ def config_from(cls, args, **overrides):
 def train_configs(args) -> tuple:
     """(ModelConfig, DataConfig, AdapterConfig, TrainConfig, RunConfig) of `tinylora train`'s flags; a bad
     value raises ValueError naming its flag."""
-    from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig
     return (config_from(ModelConfig, args), config_from(DataConfig, args), adapter_config(args),
             config_from(TrainConfig, args), config_from(RunConfig, args))
 
 
 def cmd_train(args) -> None:
-    from .api import train
+    from tinylora.api import train
     train(*train_configs(args))
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from tinylora.study.sweep import run_sweep
     rows = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run, only=args.only)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 def cmd_count(args) -> None:
-    from .count import count, format_count
+    from tinylora.count import count, format_count
     c = count(args.model, adapter_config(args))
     print(json.dumps(c) if args.json else format_count(c))
 
 
 def cmd_info(args) -> None:
-    from .io import read_adapter_file
+    from tinylora.io import read_adapter_file
     config, meta, tensors = read_adapter_file(args.adapter)
     info = {"config": json.loads(config.to_json()), "base": meta.get("base"), "tinylora": meta.get("tinylora"),
             "fingerprint": meta["fingerprint"], "trainable_params": sum(t.numel() for t in tensors.values()),
@@ -90,9 +90,9 @@ def cmd_info(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_merged, export_peft
-    from .io import load_adapter
-    from .models import load_model
+    from tinylora.export import export_merged, export_peft
+    from tinylora.io import load_adapter
+    from tinylora.models import load_model
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     adapter = load_adapter(model, args.adapter, strict=args.strict)
     out = export_peft(adapter, args.out) if args.format == "peft" else export_merged(adapter, args.out, tokenizer)
@@ -101,11 +101,11 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     if args.compare:
-        from .paired import compare, format_comparison
+        from tinylora.evaluation.paired import compare, format_comparison
         c = compare(*args.compare, seed=args.seed)
         print(json.dumps(c) if args.json else format_comparison(c))
         return
-    from .api import DataConfig, ModelConfig, evaluate
+    from tinylora.api import DataConfig, ModelConfig, evaluate
     result = evaluate(config_from(ModelConfig, args), config_from(DataConfig, args), adapter=args.adapter,
                       split=args.split, n=args.n, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, reward=args.reward,
@@ -115,14 +115,14 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    from .api import accuracy_line
+    from tinylora.api import accuracy_line
     print(f"accuracy {accuracy_line(result, args.reward)} over {result['n_problems']} problems")
     if args.out:
         print(f"per-sample results: {args.out}")
 
 
 def cmd_pack(args) -> None:
-    from .pack import Pack
+    from tinylora.pack import Pack
     if args.action == "create":
         pack = Pack.create(args.pack, args.files)
         print(f"{pack.path}: {len(pack):,} adapters, {pack.path.stat().st_size:,} bytes")
@@ -148,12 +148,12 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from .serve import Limits, build_server
-        from .serve.app import create_app
+        from tinylora.serve import Limits, build_server
+        from tinylora.serve.app import create_app
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from e
-    from .api import ModelConfig
-    from .models import load_model
+    from tinylora.api import ModelConfig
+    from tinylora.models import load_model
     mc = config_from(ModelConfig, args)
     name = args.served_model_name or mc.model
     model, tokenizer = load_model(mc.model, mc.dtype, mc.device)
@@ -168,7 +168,7 @@ def cmd_serve(args) -> None:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every flag of `tinylora train` (also how `tinylora sweep` checks a spec's options)."""
-    from .api import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig
     add_config_args(p.add_argument_group("model"), ModelConfig)
     add_config_args(p.add_argument_group("data"), DataConfig)
     add_adapter_args(p, seed=False)
@@ -177,9 +177,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import DataConfig, ModelConfig
-    from .cpu_weights import CHOICES
-    from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM
+    from tinylora.api import DataConfig, ModelConfig
+    from tinylora.generation.weights import CHOICES
+    from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
     parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "names the base model or an adapter (its file name without .safetensors), or the request "
                        "carries one inline ('adapter': {'config': {...}, 'v': [[...]]}); all of them decode in one "
                        "batch.")
-    from .serve.limits import Limits
+    from tinylora.serve.limits import Limits
     add_config_args(p.add_argument_group("model"), ModelConfig)
     p.add_argument("--adapters", action="append", metavar="FOLDER_OR_PACK",
                    help="a folder whose *.safetensors adapters are all served, or an adapter pack (`tinylora pack`: "
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
-    from .embedded import CATALOGUE
+    from tinylora.embedded import CATALOGUE
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
     p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder, config.json, "
                    "or an embedded model: " + ", ".join(CATALOGUE))

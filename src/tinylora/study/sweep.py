@@ -32,11 +32,12 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .sweep_results import RESULT_COLUMNS, read_results, result_row, write_results
+import tomllib
+
+from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
 
 RESERVED = ("out", "resume")  # the sweep sets these itself
 # options that change what the base model's evaluation produces: runs that agree on all of them share it
@@ -62,7 +63,7 @@ class Run:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from .cli import add_train_args
+    from tinylora.cli.main import add_train_args
     p = _Parser(prog="tinylora train", add_help=False)
     add_train_args(p)
     return p
@@ -118,7 +119,7 @@ def load_spec(path: str | Path) -> list[Run]:
     # a run's name: its explicit `name`, then the options whose values differ across the sweep
     keys = list(dict.fromkeys(k for _, o in expanded for k in o if k != "name"))
     varying = [k for k in keys if len({json.dumps(o.get(k)) for _, o in expanded}) > 1]
-    from .cli import train_configs
+    from tinylora.cli.main import train_configs
     parser, runs, seen = train_parser(), [], {}
     for gi, options in expanded:
         name = options.get("name")
@@ -246,7 +247,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
               only: str | None = None) -> list[dict]:
     """Run every run of `spec` not yet finished under `out` (with `only`: those whose name the regular
     expression matches; the rest are left as they are); return the rows of results.csv."""
-    from .sweep_plots import plot_sweep
+    from tinylora.study.plots import plot_sweep
     runs = load_spec(spec)
     out = Path(out)
     try:

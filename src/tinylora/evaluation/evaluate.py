@@ -11,10 +11,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine
-from .rewards import REWARDS, extract_last_number, is_builtin, lenient_reward, load_reward, parse_number, score
-from .rollout import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
-from .tasks import Problem
+from tinylora.generation.engine import Engine
+from tinylora.tasks import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
+from tinylora.tasks.rewards import (
+    REWARDS,
+    extract_last_number,
+    is_builtin,
+    lenient_reward,
+    load_reward,
+    parse_number,
+    score,
+)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

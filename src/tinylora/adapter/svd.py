@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinylora.cache import cache_root
+
 RANDOMIZED_SEED = 42  # fixed: part of the SVD definition, not a user knob
 RANDOMIZED_OVERSAMPLE = 8
 RANDOMIZED_POWER_ITERS = 6
@@ -68,11 +70,6 @@ def weight_digest(W: torch.Tensor) -> str:
 
 def _int_of_size(n: int) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[n]
-
-
-def cache_root() -> Path:
-    """tinylora's cache folder: $TINYLORA_CACHE, else ~/.cache/tinylora."""
-    return Path(os.environ.get("TINYLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinylora"))
 
 
 def cache_dir() -> Path:

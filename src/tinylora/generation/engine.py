@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from . import cpu_weights
-from .bank import per_row
-from .rollout import Rollout, completion_mask, eos_ids, prefill, with_cache
-from .sampling import sample_categorical, top_p_filter
+from tinylora.generation import weights as cpu_weights
+from tinylora.generation.bank import per_row
+from tinylora.generation.batch import Rollout, completion_mask, eos_ids
+from tinylora.generation.kv import cache_layers, pad_left, prefill, with_cache
+from tinylora.generation.sampling import sample_categorical, top_p_filter
 
 
 @dataclass
@@ -239,12 +240,12 @@ class Engine:
         self._trim()
         gap = self.mask.shape[1] - mask.shape[1]
         if gap > 0:
-            _pad_left(cache, gap)
+            pad_left(cache, gap)
             mask = F.pad(mask, (gap, 0))
         elif gap < 0:
-            _pad_left(self.cache, -gap)
+            pad_left(self.cache, -gap)
             self.mask = F.pad(self.mask, (-gap, 0))
-        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+        for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache)):
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
         self.mask = torch.cat([self.mask, mask])
@@ -278,7 +279,7 @@ class Engine:
             return
         first = int(self.mask.any(dim=0).int().argmax())  # first column some row attends to
         if first > 0:
-            for layer in _layers(self.cache):
+            for layer in cache_layers(self.cache):
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.mask = self.mask[:, first:]
 
@@ -334,20 +335,6 @@ class Engine:
         return per_row(self.adapter, R) if self.bank is not None else contextlib.nullcontext()
 
 
-def _layers(cache):
-    layers = cache.layers
-    kinds = {type(layer).__name__ for layer in layers}
-    if kinds != {"DynamicLayer"}:
-        raise NotImplementedError(f"continuous batching needs full-attention KV caches, this model has {kinds}")
-    return layers
-
-
-def _pad_left(cache, n: int) -> None:
-    for layer in _layers(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, n, 0))  # [b, heads, n + L, d]
-        layer.values = F.pad(layer.values, (0, 0, n, 0))
-
-
 def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:
     """Finished rows as one left-padded prompt + right-padded completion batch."""
     P = max(len(s.prompt) for s in seqs)
@@ -368,3 +355,18 @@ def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_l
     return Rollout(input_ids=torch.cat([prompt_ids, tokens], dim=1),
                    attention_mask=torch.cat([prompt_mask, cmask], dim=1), completion_mask=cmask,
                    prompt_len=P, completions=texts, logp_rollout=logps * cmask if with_logprobs else None)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           greedy: bool = False, seed: int = 0, with_logprobs: bool = True, repeats: int = 1) -> Rollout:
+    """`repeats` completions per prompt from the model's weights as they are, through the `Engine`.
+
+    Seeded: same seed, same output. Each prompt is prefilled once and its cache copied for its `repeats`
+    samples (GRPO's G); finished rows leave the batch, so the cost follows the mean completion length,
+    not the longest; each token's log-prob under the sampling law comes for free (for the importance
+    correction).
+    """
+    return Engine(model, tokenizer, weights=None).generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, seed=seed,
+        with_logprobs=with_logprobs, repeats=repeats)

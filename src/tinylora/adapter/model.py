@@ -20,11 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig
-from .models import DTYPES
-from .plan import Target, find_targets, tie_groups, trainable_count
-from .svd import cached_svd, weight_digest
-
+from tinylora.adapter.plan import Target, find_targets, tie_groups, trainable_count
+from tinylora.adapter.svd import cached_svd, weight_digest
+from tinylora.config import AdapterConfig
+from tinylora.models import DTYPES
 
 
 def module_seed(seed: int, name: str) -> int:

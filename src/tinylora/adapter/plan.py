@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import AdapterConfig
+from tinylora.config import AdapterConfig
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy with intervals and pass@k (evaluate), paired comparisons of two evaluations (paired)."""

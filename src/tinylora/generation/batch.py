@@ -1,0 +1,41 @@
+"""A generated batch as the trainer consumes it (`Rollout`), and the end-of-sequence bookkeeping of its rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and their completions, as the trainer consumes it."""
+
+    input_ids: torch.Tensor  # [N, P + C] prompt (left-padded) then completion (right-padded)
+    attention_mask: torch.Tensor  # [N, P + C]
+    completion_mask: torch.Tensor  # [N, C] 1 up to and including the first end-of-sequence token
+    prompt_len: int  # P
+    completions: list[str]
+    logp_rollout: torch.Tensor | None = None  # [N, C] log-probs under the sampling weights
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]  # [N, C]
+
+    def to(self, device) -> "Rollout":
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Rollout(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+                       self.prompt_len, self.completions, move(self.logp_rollout))
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """[N, C] mask of real completion tokens: everything up to and including the first EOS."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # [N, C]
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # [N, C] strictly after the first EOS
+    return (~after_eos).long()
