@@ -22,9 +22,9 @@ from common import table
 from serve_load import drive, free_port, start, stop
 
 from tinylora import AdapterConfig, attach
-from tinylora.io import base_name, fingerprint
 from tinylora.models import load_model
-from tinylora.pack import Pack
+from tinylora.storage.file import base_name, fingerprint
+from tinylora.storage.pack import Pack
 from tinylora.tasks.prompts import chat_prompts
 
 CHUNK = 100_000

@@ -13,7 +13,7 @@ import torch
 
 from tinylora import AdapterConfig, attach, load_adapter, read_adapter_file, save_adapter
 from tinylora.cli.main import main
-from tinylora.pack import Pack, is_pack
+from tinylora.storage.pack import Pack, is_pack
 from tinylora.testing import tiny_model
 
 CONFIG = AdapterConfig(u=2, n_tie=3)
@@ -114,7 +114,7 @@ def test_cost_per_adapter_is_close_to_its_v(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from tinylora.pack import Pack
+    from tinylora.storage.pack import Pack
     pack = Pack(sys.argv[1])
     i = 0
     while True:

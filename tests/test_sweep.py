@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from tinylora.cli.main import main
 from tinylora.study.results import TIME_COLUMNS
-from tinylora.study.sweep import _child_setup, load_spec
+from tinylora.study.spec import load_spec
+from tinylora.study.sweep import _child_setup
 from tinylora.testing import tiny_model_and_tokenizer
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tinylora.adapter import Adapter
-from tinylora.io import base_name
+from tinylora.storage.file import base_name
 
 
 def lora_factors(adapter: Adapter, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,60 +6,16 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 
-from tinylora.config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
-
-
-def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    n_tie = AdapterConfig.__dataclass_fields__["n_tie"].default  # one default, the dataclass's
-    g = p.add_argument_group("adapter")
-    g.add_argument("--method", choices=METHODS, default="tinylora", help="what is trained (default: tinylora)")
-    g.add_argument("--r", type=int, default=2, help="frozen SVD rank, or LoRA rank (default: 2)")
-    g.add_argument("--u", type=int, default=1, help="tinylora: trainable numbers per tied group (default: 1)")
-    g.add_argument("--n-tie", default=n_tie, help=f"modules sharing one v, or 'all' (default: {n_tie})")
-    g.add_argument("--tie", choices=TIE_MODES, default="tiled", help="how modules are grouped (default: tiled)")
-    g.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS),
-                   help="module-name suffixes, or one regex on full names (default: the 7 projections)")
-    if seed:  # `train` has one --seed for everything
-        g.add_argument("--seed", type=int, default=0, help="seed of the fixed random projections P (default: 0)")
-    g.add_argument("--v-dtype", choices=V_DTYPES, default="fp32", help="dtype of v (default: fp32)")
-    g.add_argument("--svd", choices=SVD_MODES, default="full", help="SVD algorithm (default: full)")
-
-
-def adapter_config(args) -> AdapterConfig:
-    targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
-    return AdapterConfig(method=args.method, r=args.r, u=args.u, n_tie=args.n_tie, tie=args.tie,
-                         targets=targets, seed=args.seed, v_dtype=args.v_dtype, svd=args.svd)
-
-
-def add_config_args(g, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (help from its metadata): how every config becomes flags."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-            continue
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        kind = type(default) if default is not None else str
-        g.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                       help=f"{f.metadata['help']} (default: {default!r})")
-
-
-def config_from(cls, args, **overrides):
-    """The dataclass `cls` from the flags add_config_args made (plus overrides)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **overrides)
-
-
-def train_configs(args) -> tuple:
-    """(ModelConfig, DataConfig, AdapterConfig, TrainConfig, RunConfig) of `tinylora train`'s flags; a bad
-    value raises ValueError naming its flag."""
-    from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig
-    return (config_from(ModelConfig, args), config_from(DataConfig, args), adapter_config(args),
-            config_from(TrainConfig, args), config_from(RunConfig, args))
+from tinylora.cli.flags import (
+    adapter_config,
+    add_adapter_args,
+    add_config_args,
+    add_train_args,
+    config_from,
+    train_configs,
+)
+from tinylora.config import V_DTYPES
 
 
 def cmd_train(args) -> None:
@@ -122,7 +78,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_pack(args) -> None:
-    from tinylora.pack import Pack
+    from tinylora.storage.pack import Pack
     if args.action == "create":
         pack = Pack.create(args.pack, args.files)
         print(f"{pack.path}: {len(pack):,} adapters, {pack.path.stat().st_size:,} bytes")
@@ -164,16 +120,6 @@ def cmd_serve(args) -> None:
           f"({server.engine.weights}){'; API key required' if args.api_key else ''}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_seconds)
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Every flag of `tinylora train` (also how `tinylora sweep` checks a spec's options)."""
-    from tinylora.api import DataConfig, ModelConfig, RunConfig, TrainConfig
-    add_config_args(p.add_argument_group("model"), ModelConfig)
-    add_config_args(p.add_argument_group("data"), DataConfig)
-    add_adapter_args(p, seed=False)
-    add_config_args(p.add_argument_group("training"), TrainConfig)
-    add_config_args(p.add_argument_group("run"), RunConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:

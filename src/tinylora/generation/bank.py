@@ -30,7 +30,8 @@ from torch import nn
 from tinylora.adapter.model import Adapter, attach, projections
 from tinylora.adapter.plan import tie_groups
 from tinylora.config import AdapterConfig
-from tinylora.io import check_fingerprint, fingerprint, read_adapter_file
+from tinylora.io import read_adapter_file
+from tinylora.storage.file import check_fingerprint, fingerprint
 
 SERVABLE = ("tinylora", "lora-xs")
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these

@@ -15,8 +15,8 @@ def build_server(model, tokenizer, *, name: str, adapters=None, config=None,
     *.safetensors adapter in a folder is validated and loaded under its file name without .safetensors; a
     pack's adapters are read from it as requests name them (nothing is loaded ahead)."""
     from tinylora.generation.bank import AdapterBank
-    from tinylora.pack import Pack, is_pack
     from tinylora.serve.app import Server
+    from tinylora.storage.pack import Pack, is_pack
     limits = limits or Limits()
     sources = [] if adapters is None else [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     paths, packs = [], []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tinylora.study.sweep import Run
+    from tinylora.study.spec import Run
 
 RESULT_COLUMNS = ("algo", "method", "trainable_params", "adapter_bytes", "steps", "rule", "n_eval",
                   "base_acc", "base_acc_lo", "base_acc_hi", "base_lenient", "base_lenient_lo", "base_lenient_hi",

@@ -18,11 +18,8 @@ checkpoint. After every run DIR/results.csv (one row per run) and DIR/accuracy_v
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import fcntl
-import hashlib
-import itertools
 import json
 import os
 import re
@@ -32,112 +29,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
+from tinylora.study.spec import Run, TrainParser, load_spec, train_parser
 
-RESERVED = ("out", "resume")  # the sweep sets these itself
 # options that change what the base model's evaluation produces: runs that agree on all of them share it
 EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_template", "gsm8k_dir", "levels",
              "eval_n", "eval_batch_size", "max_new_tokens", "suffix", "system", "reward", "algo", "rollout_weights")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of exiting: the sweep names the run and the spec
-        raise ValueError(message)
-
-
-@dataclass
-class Run:
-    name: str
-    options: dict  # as written in the spec (dashes), after expansion
-    argv: list[str]
-    args: argparse.Namespace  # train's parsed flags, defaults filled in
-    key: str = field(init=False)  # a hash of argv: a run folder made with other options is not this run
-
-    def __post_init__(self):
-        self.key = hashlib.sha256("\0".join(self.argv).encode()).hexdigest()[:12]
-
-
-def train_parser() -> argparse.ArgumentParser:
-    from tinylora.cli.main import add_train_args
-    p = _Parser(prog="tinylora train", add_help=False)
-    add_train_args(p)
-    return p
-
-
-def to_argv(options: dict, parser: argparse.ArgumentParser) -> list[str]:
-    """{"n-tie": 16, "std-norm": False, "targets": "q_proj v_proj"} → ["--n-tie", "16", "--no-std-norm", ...]."""
-    flags = {a.dest: a for a in parser._actions}
-    argv = []
-    for k, v in options.items():
-        dest = k.replace("-", "_")
-        action = flags.get(dest)
-        if action is None or dest in RESERVED or dest == "help":
-            raise ValueError(f"unknown option {k!r}" if dest not in RESERVED else f"{k!r} is set by the sweep itself")
-        flag = "--" + dest.replace("_", "-")
-        if isinstance(v, bool):
-            if isinstance(action, argparse.BooleanOptionalAction):
-                argv.append(flag if v else "--no-" + flag[2:])
-            elif v:
-                argv.append(flag)
-            continue
-        if isinstance(v, (list, dict)):
-            raise ValueError(f"option {k!r}: expected one value, got {v!r}")
-        argv.append(flag)
-        argv.extend(str(v).split() if action.nargs in ("+", "*") else [str(v)])
-    return argv
-
-
-def load_spec(path: str | Path) -> list[Run]:
-    """The runs a spec file describes, checked against `tinylora train`'s flags before anything runs."""
-    path = Path(path)
-    try:
-        spec = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"sweep spec not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(spec) - {"shared", "run"}
-    if unknown:
-        raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; a spec has [shared] and [[run]] entries")
-    shared = spec.get("shared", {})
-    groups = spec.get("run", [{}])
-    if not isinstance(shared, dict) or not isinstance(groups, list):
-        raise ValueError(f"{path}: [shared] must be a table and each [[run]] a table")
-    expanded = []  # (group number, options)
-    for gi, group in enumerate(groups, start=1):
-        merged = {**shared, **group}
-        lists = [k for k, v in merged.items() if isinstance(v, list)]
-        for combo in itertools.product(*(merged[k] for k in lists)):
-            expanded.append((gi, {**merged, **dict(zip(lists, combo))}))
-    if not expanded:
-        raise ValueError(f"{path}: no runs (an empty list expands to nothing)")
-    # a run's name: its explicit `name`, then the options whose values differ across the sweep
-    keys = list(dict.fromkeys(k for _, o in expanded for k in o if k != "name"))
-    varying = [k for k in keys if len({json.dumps(o.get(k)) for _, o in expanded}) > 1]
-    from tinylora.cli.main import train_configs
-    parser, runs, seen = train_parser(), [], {}
-    for gi, options in expanded:
-        name = options.get("name")
-        parts = ([str(name)] if name else []) + [f"{k}={options[k]}" for k in varying if k in options]
-        name = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts) or "run")
-        opts = {k: v for k, v in options.items() if k != "name"}
-        where = f"{path}: run {name!r} (entry {gi})"
-        try:
-            argv = to_argv(opts, parser)
-            args = parser.parse_args(argv)
-            train_configs(args)  # every value checked now, not an hour into the sweep
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if name in seen:
-            raise ValueError(f"{where}: the same name as another run; give the entries different `name`s")
-        seen[name] = True
-        runs.append(Run(name, opts, argv, args))
-    return runs
 
 
 # ---- one run -------------------------------------------------------------------------------------
@@ -336,12 +235,12 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     return ordered
 
 
-def _flags(argv: list[str], parser: argparse.ArgumentParser) -> str:
+def _flags(argv: list[str], parser: TrainParser) -> str:
     """What a run is: its train flags parsed, defaults filled in, so their order in a spec does not matter."""
     return json.dumps(vars(parser.parse_args(argv)), sort_keys=True, default=str)
 
 
-def _same_flags(made: list[str] | None, argv: list[str], parser: argparse.ArgumentParser) -> bool:
+def _same_flags(made: list[str] | None, argv: list[str], parser: TrainParser) -> bool:
     if made is None:
         return False
     try:
@@ -357,7 +256,7 @@ def _made_with(run_json: Path) -> list[str] | None:
         return None
 
 
-def _adopt_renamed_runs(runs: list[Run], out: Path, parser: argparse.ArgumentParser) -> None:
+def _adopt_renamed_runs(runs: list[Run], out: Path, parser: TrainParser) -> None:
     """A run is its options, not its name: names change when the spec grows a new varying option, so a
     folder made with the same train flags under another name is renamed, not run again."""
     by_flags = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from tinylora.tasks import Problem
+from tinylora.tasks.problem import Problem
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Mo", "Nia"]
 ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells", "stamps", "cookies"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinylora.tasks import Problem
 from tinylora.tasks.jsonl import load_jsonl
+from tinylora.tasks.problem import Problem
 
 ENV_DIR = "TINYLORA_GSM8K_DIR"
 

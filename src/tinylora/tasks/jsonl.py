@@ -12,7 +12,7 @@ import json
 import string
 from pathlib import Path
 
-from tinylora.tasks import Problem
+from tinylora.tasks.problem import Problem
 
 
 def template_fields(template: str) -> list[str]:

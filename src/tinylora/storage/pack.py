@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tinylora import __version__
 from tinylora.config import AdapterConfig
+from tinylora.storage.file import read_file, write_adapter_file
+from tinylora.version import __version__
 
 PACK_FORMAT = "tinylora-pack"
 PACK_VERSION = "1"
@@ -91,14 +92,13 @@ class Pack:
         """A new pack at `path` (which must not exist) holding `files` (files or folders of *.safetensors).
         The shared config, base and v shape come from the first file, or from `like` = (config, fingerprint,
         base, v_shape) for an empty pack."""
-        from tinylora.io import read_adapter_file
         path, files = Path(path), _expand(files)
         if path.exists():
             raise FileExistsError(f"{path} exists: add to it with `tinylora pack add`, or remove it first")
         if like is None:
             if not files:
                 raise ValueError("a new pack needs at least one adapter file to take its config and base from")
-            config, meta, tensors = read_adapter_file(files[0])
+            config, meta, tensors = read_file(files[0])
             like = (config, meta["fingerprint"], meta.get("base", ""), tuple(tensors.get("v", torch.empty(0)).shape))
         config, fingerprint, base, v_shape = like
         if config.method not in PACKABLE:
@@ -209,10 +209,9 @@ class Pack:
     def add(self, files, *, replace: bool = True) -> list[str]:
         """Add (or replace) adapter files, or every *.safetensors in folders, in one transaction; returns
         their names. A file that does not fit the pack is refused, naming it, and nothing is written."""
-        from tinylora.io import read_adapter_file
         items = {}
         for f in _expand(files):
-            config, meta, tensors = read_adapter_file(f)
+            config, meta, tensors = read_file(f)
             self.check(config, meta["fingerprint"], str(f))
             name = adapter_name(f)
             if name in items:
@@ -264,5 +263,4 @@ class Pack:
 
     def extract(self, name: str, out: str | os.PathLike) -> Path:
         """Write adapter `name` as a normal adapter file (loadable by `load_adapter`, `serve`, ...)."""
-        from tinylora.io import write_adapter_file
         return write_adapter_file(out, self.config, self.base, self.fingerprint, {"v": self.get(name)})
