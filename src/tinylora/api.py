@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tinylora.atomic import atomic_write_text
 from tinylora.config import AdapterConfig
 from tinylora.embedded import DEFAULT_MODEL, listing
 from tinylora.generation import weights as cpu_weights
@@ -269,11 +270,10 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
 
     def on_step(m: dict) -> None:
         if rank == 0:
-            now, tmp = time.time(), spent_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"wall_seconds": spent["wall_seconds"] + now - t_start,
-                                       "train_seconds": spent["train_seconds"] + now - t_train,
-                                       "sittings": spent["sittings"] + 1}))
-            os.replace(tmp, spent_path)  # a kill leaves the old file or the new one
+            now = time.time()
+            atomic_write_text(spent_path, json.dumps({"wall_seconds": spent["wall_seconds"] + now - t_start,
+                                                      "train_seconds": spent["train_seconds"] + now - t_train,
+                                                      "sittings": spent["sittings"] + 1}))
         if tracker:
             tracker.log(m)
 

@@ -9,12 +9,12 @@ positive); and the randomized variant draws its test matrix from a fixed seed.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from tinylora.atomic import atomic_write_bytes
 from tinylora.cache import cache_root
 
 RANDOMIZED_SEED = 42  # fixed: part of the SVD definition, not a user knob
@@ -90,7 +90,5 @@ def cached_svd(W: torch.Tensor, r: int, mode: str, digest: str | None = None, us
             pass
     U, S, V = truncated_svd(W, r, mode)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"U": U, "S": S, "V": V}, str(tmp))
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    atomic_write_bytes(path, save({"U": U, "S": S, "V": V}))  # a concurrent reader never sees half a file
     return U, S, V

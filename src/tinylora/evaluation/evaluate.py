@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from tinylora.atomic import atomic_write_text
 from tinylora.generation.engine import Engine
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
@@ -123,10 +123,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
             solved = {r["index"] for r in rows if r[key]}
             result[prefix + "pass_at_k"] = len(solved) / max(len(problems), 1)
     if out_jsonl:
-        tmp = Path(str(out_jsonl) + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, out_jsonl)
+        atomic_write_text(out_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         partial.unlink()
     return result
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tinylora.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from tinylora.study.spec import Run
@@ -87,9 +89,8 @@ def read_results(path: Path) -> dict[str, dict]:
 
 def write_results(path: Path, rows: list[dict], option_keys: list[str]) -> None:
     columns = ["name", "status", "error", "run_key", *option_keys, *RESULT_COLUMNS]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, text.getvalue())

@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from tinylora.atomic import atomic_write_text
 from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
 from tinylora.study.spec import Run, TrainParser, load_spec, train_parser
 
@@ -205,9 +206,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         say(f"{label}{r.name}")
         d = out / "runs" / r.name
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "run.json.tmp"
-        tmp.write_text(json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
-        os.replace(tmp, d / "run.json")
+        atomic_write_text(d / "run.json", json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
         _share_base_eval(r, d, runs, out)
         t0 = time.time()
         rc, err = run_one(r, d, label, progress)

@@ -7,12 +7,13 @@ step in flight; for TinyLoRA the whole file is a few hundred bytes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from tinylora.atomic import atomic_write_bytes
 
 
 def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -29,9 +30,7 @@ def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], o
     meta = {"step": str(step), "opt_scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"]),
             "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor], dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tinylora.atomic import atomic_write_text
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.engine import Engine
 from tinylora.tasks import Problem
@@ -372,9 +372,7 @@ class Trainer:
             return on_eval is not None and eval_every > 0 and done % eval_every == 0 and done < cfg.steps
 
         def write_metrics() -> None:  # whole, atomically: a kill leaves the old file or the new one
-            tmp = metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-            os.replace(tmp, metrics_path)
+            atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in history))
 
         if resume and ckpt.is_file():
             start, params, _ = load_checkpoint(ckpt, self.opt)
