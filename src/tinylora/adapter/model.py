@@ -166,6 +166,15 @@ class Adapter(nn.Module):
             h = torch.einsum("bsk,bjk->bsj", h, R)  # [batch, seq, r]
         return h * self._factor(i, "S", x.dtype)  # [..., r]
 
+    @contextlib.contextmanager
+    def per_row(self, R: torch.Tensor):
+        """Within this block batch row b runs with R[b] ([batch, n_modules, r, r], s·R), not this adapter's v."""
+        self._row_R = R
+        try:
+            yield
+        finally:
+            self._row_R = None
+
     def _row_RS(self, dtype: torch.dtype) -> torch.Tensor:
         """(sR)ᵀ·Σ of every module for every row, [n_modules, batch, r, r]: built once per set of rows, so a
         module's per-row work is one bmm."""

@@ -17,7 +17,6 @@ Over a pack (`pack=Pack(...)`) the bank holds no adapter of it in memory: a row'
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -212,17 +211,7 @@ class AdapterBank:
 
     def rows(self, which):
         """Within this block every forward (HF `generate` included) runs row b with adapter which[b]."""
-        return per_row(self.adapter, self.stack(which))
-
-
-@contextlib.contextmanager
-def per_row(adapter: Adapter, R: torch.Tensor):
-    """Within this block the adapter runs batch row b with R[b] ([batch, n_modules, r, r]), not its own v."""
-    adapter._row_R = R
-    try:
-        yield
-    finally:
-        adapter._row_R = None
+        return self.adapter.per_row(self.stack(which))
 
 
 @functools.lru_cache(maxsize=16)

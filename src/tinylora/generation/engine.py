@@ -28,7 +28,6 @@ import torch
 from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
-from tinylora.generation.bank import per_row
 from tinylora.generation.batch import Rollout, completion_mask, eos_ids
 from tinylora.generation.kv import cache_layers, pad_left, prefill, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
@@ -83,9 +82,10 @@ class Engine:
         self.waiting: collections.deque[list[Sequence]] = collections.deque()  # groups sharing one prefill
         self.shared: torch.Generator | None = None  # one stream for all rows without their own generator
         self._generating = False
-        self._clear()
+        self.reset()
 
-    def _clear(self) -> None:
+    def reset(self) -> None:
+        """Drop every running row and the KV cache (waiting requests stay queued)."""
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
@@ -183,7 +183,7 @@ class Engine:
         finally:
             self.compact, self.max_batch, self.shared = True, limit, None
             self.waiting.clear()
-            self._clear()
+            self.reset()
         seqs = [s for g in groups for s in g]
         return _as_rollout(seqs, self.tokenizer, self.pad, self.eos, with_logprobs and not greedy).to(self.device)
 
@@ -262,7 +262,7 @@ class Engine:
         keep = [i for i, s in enumerate(self.running) if not s.done]
         self.running = [self.running[i] for i in keep]
         if not keep:
-            self._clear()
+            self.reset()
             return torch.tensor([], dtype=torch.long)
         idx = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(idx)
@@ -332,7 +332,7 @@ class Engine:
         return R if R is not None else self.bank.zeros()[None].expand(n, -1, -1, -1)
 
     def _rows(self, R: torch.Tensor | None):
-        return per_row(self.adapter, R) if self.bank is not None else contextlib.nullcontext()
+        return self.adapter.per_row(R) if self.bank is not None else contextlib.nullcontext()
 
 
 def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:

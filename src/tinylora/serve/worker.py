@@ -143,4 +143,4 @@ class Worker:
             job.emit(("error", job.base + j, None, f"{type(error).__name__}: {error}"))
             self._close(job.seqs[j])
         self.engine.waiting.clear()
-        self.engine._clear()
+        self.engine.reset()
