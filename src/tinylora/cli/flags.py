@@ -21,7 +21,7 @@ def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> list[argp
     add("--n-tie", default=n_tie, help=f"modules sharing one v, or 'all' (default: {n_tie})")
     add("--tie", choices=TIE_MODES, default="tiled", help="how modules are grouped (default: tiled)")
     add("--targets", nargs="+", default=list(DEFAULT_TARGETS),
-                   help="module-name suffixes, or one regex on full names (default: the 7 projections)")
+        help="module-name suffixes, or one regex on full names (default: the 7 projections)")
     if seed:  # `train` has one --seed for everything
         add("--seed", type=int, default=0, help="seed of the fixed random projections P (default: 0)")
     add("--v-dtype", choices=V_DTYPES, default="fp32", help="dtype of v (default: fp32)")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tinylora.config import AdapterConfig
+from tinylora.models import DTYPES
 from tinylora.storage.file import read_file, write_adapter_file
 from tinylora.version import __version__
 
@@ -35,7 +36,6 @@ PACK_FORMAT = "tinylora-pack"
 PACK_VERSION = "1"
 PACKABLE = ("tinylora", "lora-xs")  # adapters that are one tensor v
 SQLITE_MAGIC = b"SQLite format 3\x00"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_pack(path: str | os.PathLike) -> bool:

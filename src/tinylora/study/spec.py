@@ -15,10 +15,6 @@ import tomllib
 
 RESERVED = ("out", "resume")  # the sweep sets these itself
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of exiting: the sweep names the run and the spec
-        raise ValueError(message)
-
 
 @dataclass
 class Run:
@@ -32,7 +28,7 @@ class Run:
         self.key = hashlib.sha256("\0".join(self.argv).encode()).hexdigest()[:12]
 
 
-class TrainParser(_Parser):
+class TrainParser(argparse.ArgumentParser):
     """`tinylora train`'s flags, raising ValueError on a bad one; `flags` maps each dest to its action."""
 
     def __init__(self):
@@ -40,9 +36,8 @@ class TrainParser(_Parser):
         super().__init__(prog="tinylora train", add_help=False)
         self.flags = add_train_args(self)
 
-
-def train_parser() -> TrainParser:
-    return TrainParser()
+    def error(self, message):  # raise instead of exiting: the sweep names the run and the spec
+        raise ValueError(message)
 
 
 def to_argv(options: dict, parser: TrainParser) -> list[str]:
@@ -96,7 +91,7 @@ def load_spec(path: str | Path) -> list[Run]:
     keys = list(dict.fromkeys(k for _, o in expanded for k in o if k != "name"))
     varying = [k for k in keys if len({json.dumps(o.get(k)) for _, o in expanded}) > 1]
     from tinylora.cli.flags import train_configs
-    parser, runs, seen = train_parser(), [], {}
+    parser, runs, seen = TrainParser(), [], {}
     for gi, options in expanded:
         name = options.get("name")
         parts = ([str(name)] if name else []) + [f"{k}={options[k]}" for k in varying if k in options]

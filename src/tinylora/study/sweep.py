@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tinylora.atomic import atomic_write_text
 from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
-from tinylora.study.spec import Run, TrainParser, load_spec, train_parser
+from tinylora.study.spec import Run, TrainParser, load_spec
 
 # options that change what the base model's evaluation produces: runs that agree on all of them share it
 EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_template", "gsm8k_dir", "levels",
@@ -172,7 +172,7 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         raise ValueError(f"another `tinylora sweep` is running in {out}") from None
     results_path = out / "results.csv"
     earlier = {row.get("run_key"): row for row in read_results(results_path).values()}
-    parser = train_parser()
+    parser = TrainParser()
     _adopt_renamed_runs(runs, out, parser)
     rows: dict[str, dict] = {}
     todo = []
