@@ -75,8 +75,8 @@ def bench_ceiling(args) -> None:
             with torch.no_grad():
                 adapter.v.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
         for wname, choice in (("fp32", "merged"), ("packed fp32", "packed"), ("int8", "int8")):
-            weights = cpu_weights.for_generation(model, choice)
-            context = functools.partial(cpu_weights.generating, weights, adapter, exact=True)  # as the trainer
+            weights = cpu_weights.for_generation(model, choice, exact=True)  # as the trainer
+            context = functools.partial(weights.generating, adapter)
             sec, n_tok = timed_rollout(model, tok, prompts, args, context)
             tps = n_tok / sec
             results[(label, wname)] = tps

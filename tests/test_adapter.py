@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tinylora import AdapterConfig, attach
-from tinylora.adapter.model import projections
 
 
 def _set_v(adapter, seed=0, std=0.3):
@@ -34,7 +33,7 @@ def test_delta_matches_reference_einsum(model):
         assert torch.allclose((f.U.double() @ torch.diag(f.S.double()) @ f.V.double().T),
                               U @ torch.diag(S) @ V.T, atol=1e-5)
         v = adapter.v[adapter.group_of[i]].detach().double()
-        P = projections(config, t.name).double()
+        P = config.method_object.projections(config, t.name).double()
         R = torch.einsum("k,kij->ij", v, P) / math.sqrt(config.u)
         ref = torch.einsum("or,rs,st,it->oi", f.U.double(), torch.diag(f.S.double()), R, f.V.double())
         assert torch.allclose(adapter.delta_weight(i).double(), ref, atol=1e-6)

@@ -55,6 +55,7 @@ def write_task(tmp_path, good):
     return data, reward
 
 
+@pytest.mark.slow
 def test_python_api_trains_a_non_math_task_with_a_custom_reward_and_the_reward_rises(peaked_model, tmp_path):
     model_dir, good = peaked_model
     data_file, reward_file = write_task(tmp_path, good)
@@ -175,6 +176,7 @@ def test_gpu_smoke_grpo_steps_with_rollout_and_train_log_probs_agreeing(tmp_path
     assert all(m["logp_gap"] < 0.05 for m in history), [m["logp_gap"] for m in history]  # same weights, same math
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["grpo", "sft"])
 def test_eval_every_adds_a_learning_curve_and_leaves_training_untouched(peaked_model, tmp_path, algo):
     model_dir, good = peaked_model

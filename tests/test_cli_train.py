@@ -15,6 +15,7 @@ def model_dir(tmp_path):
     return str(tmp_path / "m")
 
 
+@pytest.mark.slow
 def test_train_end_to_end_on_a_tiny_model(model_dir, tmp_path, capsys):
     # the CPU paths (packed rollouts, merged vs packed generation), also on a machine with a GPU
     out, cpu = tmp_path / "run", ["--device", "cpu"]
@@ -77,6 +78,7 @@ def test_sft_from_the_command_line(model_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["method"] == "lora-xs"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     import os
     import signal

@@ -95,11 +95,11 @@ def test_rollouts_are_seeded_and_close_to_the_fp32_policy(kind):
 def test_for_generation_picks_packed_on_fp32_cpu_and_refuses_what_it_cannot_do():
     model = tiny_model("llama")
     auto = cpu_weights.for_generation(model)
-    assert type(auto) is (cpu_weights.PackedWeights if cpu_weights.packed_available() else type(None))
-    assert cpu_weights.for_generation(model, "merged") is None
-    assert cpu_weights.for_generation(model, "auto", method="full") is None
+    assert type(auto) is (cpu_weights.PackedWeights if cpu_weights.packed_available() else cpu_weights.Merged)
+    assert type(cpu_weights.for_generation(model, "merged")) is cpu_weights.Merged
+    assert type(cpu_weights.for_generation(model, "auto", trains_base=True)) is cpu_weights.Merged
     with pytest.raises(ValueError, match="full fine-tuning"):
-        cpu_weights.for_generation(model, "packed", method="full")
+        cpu_weights.for_generation(model, "packed", trains_base=True)
     with pytest.raises(ValueError, match="expected one of"):
         cpu_weights.for_generation(model, "fp16")
     half = tiny_model("llama", dtype=torch.bfloat16)
@@ -118,5 +118,5 @@ def test_auto_falls_back_to_merged_when_the_copy_would_not_fit(monkeypatch):
     monkeypatch.setattr(cpu_weights, "available_memory", lambda: 2 * cpu_weights.linear_bytes(model))
     assert isinstance(cpu_weights.for_generation(model), cpu_weights.PackedWeights)
     monkeypatch.setattr(cpu_weights, "available_memory", lambda: 2 * cpu_weights.linear_bytes(model) - 1)
-    assert cpu_weights.for_generation(model) is None
+    assert type(cpu_weights.for_generation(model)) is cpu_weights.Merged
     assert isinstance(cpu_weights.for_generation(model, "packed"), cpu_weights.PackedWeights)  # asked: obeyed

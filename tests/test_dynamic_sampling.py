@@ -96,6 +96,7 @@ def test_tied_groups_never_reach_the_loss_in_training(tmp_path, monkeypatch):
         assert m["groups_kept"] == 4 or m["gen_rounds"] == 4
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_resumes_exactly(tmp_path):
     cfg = small_cfg(steps=4, dynamic_sampling=True, max_gen_rounds=3)
     full = make_trainer(tmp_path / "a", cfg)

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from tinylora import AdapterConfig
-from tinylora.adapter.plan import Target, tie_groups, trainable_count
+from tinylora.adapter.plan import Target, tie_groups
 from tinylora.count import count
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -14,14 +14,14 @@ def fake_targets(layers=4):
 
 
 def test_tiled_groups_consecutive_modules_in_depth_order():
-    groups = tie_groups(fake_targets(), AdapterConfig(n_tie=3))
+    groups = tie_groups(fake_targets(), 3)
     assert groups[0] == [0, 1, 2] and groups[1] == [3, 4, 5] and groups[-1] == [27]
     assert len(groups) == math.ceil(28 / 3)
 
 
 def test_structured_groups_one_type_across_consecutive_layers():
     t = fake_targets()
-    groups = tie_groups(t, AdapterConfig(n_tie=2, tie="structured"))
+    groups = tie_groups(t, 2, "structured")
     assert len(groups) == 14
     for g in groups:
         assert len({t[i].kind for i in g}) == 1
@@ -30,7 +30,7 @@ def test_structured_groups_one_type_across_consecutive_layers():
 
 def test_structured_uneven_tie_spans_the_seam_but_keeps_the_count():
     t = fake_targets()
-    groups = tie_groups(t, AdapterConfig(n_tie=3, tie="structured"))
+    groups = tie_groups(t, 3, "structured")
     assert len(groups) == math.ceil(28 / 3)
     assert [(t[i].kind, t[i].layer) for i in groups[1]] == [("q_proj", 3), ("k_proj", 0), ("k_proj", 1)]
 
@@ -40,9 +40,10 @@ def test_structured_uneven_tie_spans_the_seam_but_keeps_the_count():
 def test_groups_partition_all_modules(tie, n_tie):
     t = fake_targets()
     config = AdapterConfig(n_tie=n_tie, tie=tie, u=3)
-    groups = tie_groups(t, config)
+    groups = tie_groups(t, n_tie, tie)
     assert sorted(i for g in groups for i in g) == list(range(28))
-    assert trainable_count(t, config) == len(groups) * 3
+    assert config.method_object.groups(t, config) == groups
+    assert config.method_object.count(t, config) == len(groups) * 3
 
 
 @pytest.mark.parametrize("u,n_tie,expected", [(1, 16, 13), (1, 4, 49), (1, 1, 196), (2, 1, 392),

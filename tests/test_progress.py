@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from test_sweep import model_dir, read_csv, sweep_cmd, write_spec  # noqa: F401  (model_dir: a fixture)
 
@@ -19,6 +20,7 @@ progress = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(progress)
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_on_one_machine_finishes_on_another_from_the_saved_files(model_dir, tmp_path):  # noqa: F811
     spec = write_spec(tmp_path, model_dir, steps=12, extra="eval-every = 6")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tinylora.adapter.svd import cached_svd, canonical_signs, truncated_svd
@@ -61,6 +62,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_merged_weights_identical_across_processes_and_thread_counts(tmp_path):
     env = {**os.environ, "TINYLORA_CACHE": str(tmp_path)}
     for mode in ("full", "randomized"):

@@ -87,6 +87,7 @@ def sweep_cmd(spec, out):
     return [sys.executable, "-m", "tinylora", "sweep", str(spec), "--out", str(out), "--no-progress"]
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, capsys):
     broken = f'\n[[run]]\nname = "broken"\ndata = "{tmp_path}/none.jsonl"\n'  # fails when it runs
     spec = write_spec(tmp_path, model_dir, steps=2, extra=broken)
@@ -116,6 +117,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, ca
     assert "3 runs, 2 finished, 1 to run" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_same_results_as_an_uninterrupted_sweep(model_dir, tmp_path):
     spec = write_spec(tmp_path, model_dir, steps=30, extra="eval-every = 10")  # a learning curve at 10 and 20
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -163,6 +165,7 @@ def test_results_csv_alone_marks_runs_finished(model_dir, tmp_path, capsys):
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
 
 
+@pytest.mark.slow
 def test_a_run_renamed_by_a_grown_spec_is_not_run_again(model_dir, tmp_path, capsys):
     spec = write_spec(tmp_path, model_dir, steps=1)
     out = tmp_path / "out"

@@ -62,6 +62,7 @@ def expected_reward(trainer, reward, samples=32):
     return sum(reward(c, "") for c in ro.completions) / len(ro.completions)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rollout_weights", [
     "merged",
     pytest.param("packed", marks=pytest.mark.skipif(not cpu_weights.packed_available(), reason="no oneDNN")),
@@ -76,7 +77,7 @@ def test_grpo_raises_a_reward_that_depends_on_v(tmp_path, rollout_weights):
     cfg = small_cfg(steps=16, lr=0.1, batch_prompts=12, group_size=16, micro_batch=64,
                     rollout_weights=rollout_weights)
     trainer = Trainer(model, tok, adapter, PROBLEMS, cfg, tmp_path, progress=False)
-    assert type(trainer.engine.weights) is {"merged": type(None), "packed": cpu_weights.PackedWeights,
+    assert type(trainer.engine.weights) is {"merged": cpu_weights.Merged, "packed": cpu_weights.PackedWeights,
                                   "int8": cpu_weights.Int8Weights}[rollout_weights]
     reward = planted_reward(trainer, c=1.0, k=48)
     trainer.reward = pairwise(reward)
@@ -244,15 +245,15 @@ def test_rollout_weights_choice(tmp_path):
     model, tok = tiny_model_and_tokenizer("llama")
     assert TrainConfig().rollout_weights == "auto"  # packed fp32 on a CPU: exact and fast
     tiny = attach(model, AdapterConfig())
-    expected = cpu_weights.PackedWeights if cpu_weights.packed_available() else type(None)
+    expected = cpu_weights.PackedWeights if cpu_weights.packed_available() else cpu_weights.Merged
     assert type(Trainer(model, tok, tiny, PROBLEMS, small_cfg(), tmp_path, progress=False).engine.weights) is expected
     assert Trainer(model, tok, tiny, PROBLEMS, small_cfg(rollout_weights="merged"), tmp_path,
-                   progress=False).engine.weights is None
+                   progress=False).engine.weights.__class__ is cpu_weights.Merged
     tiny.detach()
     adapter = attach(model, AdapterConfig(method="full"))
     # full fine-tuning changes the weights a copy was taken from: auto falls back, packed and int8 refuse
     assert Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights="auto"), tmp_path,
-                   progress=False).engine.weights is None
+                   progress=False).engine.weights.__class__ is cpu_weights.Merged
     for choice in ("packed", "int8"):
         with pytest.raises(ValueError, match="full fine-tuning"):
             Trainer(model, tok, adapter, PROBLEMS, small_cfg(rollout_weights=choice), tmp_path, progress=False)
@@ -272,6 +273,7 @@ def test_one_update_per_batch_never_clips_and_several_do(tmp_path):
     assert max(m["clip_frac"] for m in history) > 0.05
 
 
+@pytest.mark.slow
 def test_clipped_updates_move_v_less_than_unclipped_ones(tmp_path):
     moves = {}
     for eps in (0.001, 10.0):

@@ -26,6 +26,7 @@ from tinylora.atomic import atomic_write_text
 from tinylora.config import AdapterConfig
 from tinylora.embedded import DEFAULT_MODEL, listing
 from tinylora.generation import weights as cpu_weights
+from tinylora.methods import SINGLE_V
 from tinylora.models import DEVICES, DTYPES
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
@@ -217,18 +218,12 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         + (f" ({dropped} left out: also held out)" if dropped else ""))
     label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
     trainer = Trainer(net, tokenizer, ad, train_problems, cfg, out, progress=run.progress, label=label)
-    # evaluation reuses the trainer's exact generation path (packed copy or hooks); after int8 rollouts or
-    # without rollouts (SFT) it merges on a CPU in fp32, and keeps the adapter as hooks elsewhere
-    weight = next(net.parameters())
-    fast = trainer.engine.weights
-    exact_copy = fast if isinstance(fast, (cpu_weights.PackedWeights, cpu_weights.AdapterHooks)) \
-        else None if weight.device.type == "cpu" and weight.dtype == torch.float32 else cpu_weights.AdapterHooks()
+    rollout_weights = trainer.engine.weights
     if cfg.algo == "grpo":
-        say(f"rollout weights: {fast or 'the adapter merged into the weights for each rollout'}")
+        say(f"rollout weights: {rollout_weights}")
     rule = run.eval_reward or cfg.reward
     ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=rule,
-              suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0,
-              weights=exact_copy)
+              suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0)
     tracker = make_tracker(run.report_to, out, {"model": asdict(model), "data": asdict(data),
                                                  "adapter": asdict(adapter), "train": asdict(cfg)}) \
         if rank == 0 else None
@@ -241,7 +236,7 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         else:
             with ad.disabled():
                 base = score_problems(net, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl",
-                                      desc=label + "eval base", **ev)
+                                      desc=label + "eval base", weights=rollout_weights.for_evaluation(net), **ev)
             base["step"] = 0
             out.mkdir(parents=True, exist_ok=True)
             base_path.write_text(json.dumps(base))
@@ -251,7 +246,8 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
 
     def eval_during(steps_done: int) -> dict:  # the held-out set mid-training: greedy, so training's RNG is untouched
         e = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / f"eval_step{steps_done}.jsonl",
-                           desc=label + f"eval step {steps_done}", exact=True, **ev)
+                           desc=label + f"eval step {steps_done}",
+                           weights=rollout_weights.for_evaluation(net, exact=True), **ev)
         e["step"] = steps_done
         tqdm.write(f"step {steps_done}: {accuracy_line(e, rule)}")  # print would break the progress bar
         if tracker:
@@ -287,7 +283,8 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     final = None
     if eval_problems and not trainer.stop_requested:  # stopped early: the resumed run evaluates at its end
         final = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / "eval_final.jsonl",
-                               desc=label + "eval final", **ev)
+                               desc=label + "eval final",
+                               weights=rollout_weights.for_evaluation(net), **ev)
         final["step"] = len(history)
         if tracker:
             tracker.log_eval("final", final)
@@ -357,8 +354,7 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
     if random_direction is not None:
         _randomize_direction(ad, random_direction)
     problems = data.problems(split, n)
-    fast = cpu_weights.for_generation(net, weights, ad.config.method if ad is not None else "frozen")
-    result = score_problems(net, tokenizer, problems, adapter=ad, weights=fast, greedy=samples is None,
+    result = score_problems(net, tokenizer, problems, adapter=ad, weights=weights, greedy=samples is None,
                             samples=samples or 1, max_new_tokens=max_new_tokens, temperature=temperature,
                             batch_size=batch_size, reward=reward, out_jsonl=out, seed=seed, suffix=suffix,
                             system=system, progress=progress)
@@ -370,8 +366,8 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
 
 def _randomize_direction(ad, seed: int) -> None:
     """v ← a seeded random direction scaled to v's norm: is a gain the trained direction, or any nudge this big?"""
-    if ad is None or ad.config.method not in ("tinylora", "lora-xs"):
-        raise _bad("random_direction", seed, "an --adapter of method tinylora or lora-xs to take the norm of")
+    if ad is None or not ad.method.single_v:
+        raise _bad("random_direction", seed, f"an --adapter of method {' or '.join(SINGLE_V)} to take the norm of")
     with torch.no_grad():
         d = torch.randn(ad.v.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         ad.v.copy_((d / d.norm() * ad.v.double().norm()).to(ad.v.dtype))

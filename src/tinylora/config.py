@@ -7,10 +7,10 @@ adapter file's metadata and read back on load.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 
-METHODS = ("tinylora", "lora-xs", "lora", "full", "frozen")
+from tinylora.methods import METHODS, Method, method_of
+
 TIE_MODES = ("tiled", "structured")
 V_DTYPES = ("fp32", "bf16", "fp16")
 SVD_MODES = ("full", "randomized")
@@ -35,7 +35,7 @@ class AdapterConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "lora: scale is lora_alpha / r (default r)"})
 
     def __post_init__(self):
-        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(self.method in METHODS, "method", self.method, f"one of {tuple(METHODS)}")
         _check(self.tie in TIE_MODES, "tie", self.tie, f"one of {TIE_MODES}")
         _check(self.v_dtype in V_DTYPES, "v_dtype", self.v_dtype, f"one of {V_DTYPES}")
         _check(self.svd in SVD_MODES, "svd", self.svd, f"one of {SVD_MODES}")
@@ -49,19 +49,19 @@ class AdapterConfig:
             self.targets = list(self.targets)
 
     @property
+    def method_object(self) -> Method:
+        """What the method computes: see tinylora.methods."""
+        return method_of(self.method)
+
+    @property
     def scale(self) -> float:
-        """s in W' = W + s·U Σ R Vᵀ. 1/√u keeps R's size independent of u when every v_i moves by
-        about the same step (as with Adam); lora-xs trains R directly, so s = 1."""
-        if self.method == "tinylora":
-            return 1.0 / math.sqrt(self.u)
-        if self.method == "lora":
-            return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
-        return 1.0
+        """s in W' = W + s·ΔW (TinyLoRA: 1/√u, LoRA-XS: 1, LoRA: lora_alpha / r)."""
+        return self.method_object.scale(self)
 
     @property
     def numbers_per_group(self) -> int:
         """Trainable numbers in one tied group: u for tinylora, the whole r×r R for lora-xs."""
-        return self.u if self.method == "tinylora" else self.r * self.r
+        return self.method_object.numbers_per_group(self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tinylora.adapter.plan import find_targets, tie_groups, trainable_count
 from tinylora.config import AdapterConfig
 from tinylora.embedded import CATALOGUE
+from tinylora.methods import method_of
 
 
 @lru_cache(maxsize=1)
@@ -69,9 +69,10 @@ def count(model: str, config: AdapterConfig) -> dict:
     """Trainable parameters, adapted modules, tied groups and storage of `config` on `model`."""
     m = meta_model(model)
     total = sum(p.numel() for p in m.parameters())
-    targets = [] if config.method in ("full", "frozen") else find_targets(m, config.targets)
-    n = trainable_count(targets, config, total)
-    groups = len(tie_groups(targets, config)) if config.method in ("tinylora", "lora-xs") else len(targets)
+    method = config.method_object
+    targets = method.targets(m, config)
+    n = method.count(targets, config, total)
+    groups = len(method.groups(targets, config))
     return {
         "model": model, "method": config.method, "r": config.r, "u": config.u, "n_tie": config.n_tie,
         "tie": config.tie, "modules": len(targets), "layers": m.config.num_hidden_layers, "groups": groups,
@@ -82,11 +83,12 @@ def count(model: str, config: AdapterConfig) -> dict:
 
 def format_count(c: dict) -> str:
     rows = [("model", c["model"]), ("method", c["method"])]
-    if c["method"] in ("tinylora", "lora-xs", "lora"):
+    settings = method_of(c["method"]).settings
+    if "r" in settings:
         rows.append(("rank r", c["r"]))
-    if c["method"] == "tinylora":
+    if "u" in settings:
         rows.append(("u", c["u"]))
-    if c["method"] in ("tinylora", "lora-xs"):
+    if "n_tie" in settings:
         rows += [("n_tie / tie", f"{c['n_tie']} / {c['tie']}"), ("groups", f"{c['groups']:,}")]
     rows += [("adapted modules", f"{c['modules']:,} ({c['layers']} layers)"),
              ("trainable params", f"{c['trainable_params']:,}"),

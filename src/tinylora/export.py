@@ -20,16 +20,12 @@ from tinylora.storage.file import base_name
 
 def lora_factors(adapter: Adapter, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [r, in], B [out, r]) with B @ A = ΔW of module i."""
-    if adapter.config.method == "lora":
-        return adapter.config.scale * adapter.lora_A[i].detach().float(), adapter.lora_B[i].detach().float()
-    f = adapter.factors[i]
-    A = (f.S[:, None] * adapter.R(i)) @ f.V.T  # [r, r] @ [r, in]
-    return A, f.U.clone()
+    return adapter.method.lora_factors(adapter, i)
 
 
 @torch.no_grad()
 def export_peft(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
-    if adapter.config.method not in ("tinylora", "lora-xs", "lora"):
+    if not adapter.targets:  # full, frozen; a method with targets but no LoRA form raises in lora_factors
         raise ValueError(f"method {adapter.config.method!r} has no LoRA form; export a merged model instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

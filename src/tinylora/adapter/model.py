@@ -1,17 +1,15 @@
-"""The adapter: frozen factors per target, tied trainable v, and forward hooks on the base model.
+"""The adapter: the shared machinery every method (tinylora.methods) runs on.
 
-    W' = W + s · U Σ R Vᵀ,   R = Σ_i v_i P_i            (tinylora: P [u, r, r] ~ N(0, 1), s = 1/√u)
-    lora-xs is the same code with P = the standard basis of r×r matrices (v is R itself), s = 1.
-    lora: W' = W + s · B A (A [r, in] Kaiming-uniform, B [out, r] zero), s = alpha / r.
-
-Hooks add the low-rank term to each target's output, so module names (and `save_pretrained`,
-PEFT export, merging) stay those of the plain model; `detach()` removes every trace.
+It finds the targets, asks the method for its tying plan and trainable tensors, computes the frozen SVD
+factors where the method uses them, and adds the method's ΔW x to each target's output with a forward hook,
+so module names (and `save_pretrained`, PEFT export, merging) stay those of the plain model; `detach()`
+removes every trace. For the SVD methods (W' = W + s · U Σ R Vᵀ) it also holds the fast paths of that
+product: fused for generation, per batch row for many adapters, in place for training.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import sys
 
@@ -20,25 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from tinylora.adapter.plan import Target, find_targets, tie_groups, trainable_count
+from tinylora.adapter.plan import Target, group_index
 from tinylora.adapter.svd import cached_svd, weight_digest
 from tinylora.config import AdapterConfig
-from tinylora.models import DTYPES
-
-
-def module_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from (seed, module name): P is regenerated, never stored."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def projections(config: AdapterConfig, name: str) -> torch.Tensor:
-    """The fixed P [k, r, r] of one module (k = u for tinylora, r² for lora-xs)."""
-    r = config.r
-    if config.method == "lora-xs":
-        return torch.eye(r * r).view(r * r, r, r)
-    g = torch.Generator().manual_seed(module_seed(config.seed, name))
-    return torch.randn(config.u, r, r, generator=g, dtype=torch.float32)
+from tinylora.methods import method_of
+from tinylora.methods.tinylora import mix
 
 
 class Factors(nn.Module):
@@ -59,13 +43,11 @@ class Adapter(nn.Module):
             raise ValueError("this model already has a tinylora adapter attached (two would add up silently): "
                              "call adapter.detach() first, or serve several adapters with AdapterBank")
         self.config = config
+        self.method = method = method_of(config)
         self.model = [model]  # a list, so the base model is not registered as our submodule
-        self.targets: list[Target] = [] if config.method in ("full", "frozen") else find_targets(model, config.targets)
-        self.groups = tie_groups(self.targets, config)
-        self.group_of = [0] * len(self.targets)
-        for g, members in enumerate(self.groups):
-            for i in members:
-                self.group_of[i] = g
+        self.targets: list[Target] = method.targets(model, config)
+        self.groups = method.groups(self.targets, config)
+        self.group_of = group_index(self.groups, len(self.targets))
         self.merged = False
         self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
@@ -76,45 +58,30 @@ class Adapter(nn.Module):
         self._rs = None  # (row_R, dtype, (sR)ᵀΣ per module and row): see _row_RS
         self._hooks = []
         self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
-        device = self.modules_by_index[0].weight.device if self.targets else torch.device("cpu")
 
         for p in model.parameters():
-            p.requires_grad_(config.method == "full")
+            p.requires_grad_(method.trains_base)
 
         self.digests = []  # of each target's exact bytes: the SVD cache key
         self.value_digests = []  # of each target rounded to bf16: the same in fp32 and bf16, not after any change
         norm_sq = 0.0  # of the untouched base weights, for the file's fingerprint
         self.factors = nn.ModuleList()
         show = sys.stderr.isatty() if progress is None else progress
-        svd_methods = self.svd_method = config.method in ("tinylora", "lora-xs")
-        for t, mod in zip(tqdm(self.targets, desc=f"{'SVD' if svd_methods else 'hash'} of {len(self.targets)} "
+        for t, mod in zip(tqdm(self.targets, desc=f"{'SVD' if method.uses_svd else 'hash'} of {len(self.targets)} "
                                "weights", disable=not show, unit="mat"), self.modules_by_index):
             digest = weight_digest(mod.weight)
             self.digests.append(digest)
             self.value_digests.append(weight_digest(mod.weight.detach().to(torch.bfloat16)))
             norm_sq += float(mod.weight.detach().double().pow(2).sum())
-            if svd_methods:
+            tensors = method.frozen_factors(config, t)
+            if method.uses_svd:
                 U, S, V = cached_svd(mod.weight, config.r, config.svd, digest, use_cache)
-                self.factors.append(Factors(U=U, S=S, V=V, P=projections(config, t.name)).to(device))
-            elif config.method == "lora":
-                self.factors.append(Factors())
+                tensors = {"U": U, "S": S, "V": V, **tensors}
+            self.factors.append(Factors(**tensors).to(mod.weight.device))
 
         self.base_norm = math.sqrt(norm_sq)
-        if svd_methods:
-            v_dtype = DTYPES[config.v_dtype]
-            # one tensor for all groups: a single optimizer entry and a single tensor in the file
-            self.v = nn.Parameter(torch.zeros(len(self.groups), config.numbers_per_group, dtype=v_dtype,
-                                              device=device))  # [n_groups, k]
-        elif config.method == "lora":
-            self.lora_A = nn.ParameterList()
-            self.lora_B = nn.ParameterList()
-            for t in self.targets:
-                out_f, in_f = t.shape
-                A = torch.empty(config.r, in_f)
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5),
-                                         generator=torch.Generator().manual_seed(module_seed(config.seed, t.name)))
-                self.lora_A.append(nn.Parameter(A.to(device)))
-                self.lora_B.append(nn.Parameter(torch.zeros(out_f, config.r, device=device)))
+        for name, tensor in method.create_parameters(self).items():
+            setattr(self, name, tensor)
         for i, mod in enumerate(self.modules_by_index):
             self._hooks.append(mod.register_forward_hook(self._make_hook(i)))
         if self.targets:  # object.__setattr__: not registered as a submodule (no v in model.parameters())
@@ -126,14 +93,7 @@ class Adapter(nn.Module):
         f, g = self.factors[i], self.group_of[i]
         if self._row_R is not None:
             return self._row_R[:, i]  # [batch, r, r]
-        return self.config.scale * torch.einsum("k,kij->ij", self.v[g].float(), f.P)
-
-    def delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x for module i without forming ΔW; x [..., in] → [..., out]."""
-        if self.config.method == "lora":
-            A, B = self.lora_A[i], self.lora_B[i]
-            return self.config.scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
-        return self._down(i, x) @ self._factor(i, "U", x.dtype).T  # [..., out]
+        return mix(self.v[g], f.P, self.config.scale)
 
     def _factor(self, i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A frozen factor (U, S, V) of module i in the activations' dtype, cast once: on a GPU every cast is
@@ -201,8 +161,8 @@ class Adapter(nn.Module):
             self._fused[(i, dtype)] = self._fused[i].to(dtype)
         return self._fused[(i, dtype)]
 
-    def _add_delta(self, i: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """output + ΔW x, written into the module's fresh output.
+    def add_svd_delta(self, i: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """output + s·U Σ R Vᵀ x of module i, written into the module's fresh output.
 
         `output + U·h` allocates two new [..., out] tensors per module; at training shapes (10 MB each)
         glibc hands those out as fresh pages, and the page faults made training measurably slower than the
@@ -219,20 +179,19 @@ class Adapter(nn.Module):
         # with autograd: in place on the tensor itself (through a view autograd would copy it back)
         return output.baddbmm_(h, Ut.expand(h.shape[0], *Ut.shape))  # [b, s, out] += [b, s, r]·[r, out]
 
+    def delta_output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x of module i without forming ΔW: x [..., in] → [..., out]."""
+        return self.method.add_delta(self, i, x, x.new_zeros(*x.shape[:-1], self.targets[i].shape[0]))
+
     def delta_weight(self, i: int) -> torch.Tensor:
         """ΔW of module i in float32 [out, in] (for merging and export)."""
-        if self.config.method == "lora":
-            return self.config.scale * (self.lora_B[i].float() @ self.lora_A[i].float())
-        f = self.factors[i]
-        return (f.U * f.S) @ self.R(i) @ f.V.T
+        return self.method.delta_weight(self, i)
 
     def _make_hook(self, i: int):
         def hook(module, args, output):
             if self.merged or not self.enabled:
                 return output
-            if self.svd_method:
-                return self._add_delta(i, args[0], output)
-            return output + self.delta_output(i, args[0])
+            return self.method.add_delta(self, i, args[0], output)
         return hook
 
     # ---- state ------------------------------------------------------------------------------
@@ -240,29 +199,21 @@ class Adapter(nn.Module):
     def base_model(self) -> nn.Module:
         return self.model[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the adapted weights live (and so the adapter's own tensors)."""
+        return self.modules_by_index[0].weight.device if self.targets else torch.device("cpu")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if self.config.method == "full":
-            return [p for p in self.base_model.parameters()]
-        return [p for p in self.parameters() if p.requires_grad]
+        return self.method.trainable_parameters(self)
 
     def num_trainable(self) -> int:
         total = sum(p.numel() for p in self.base_model.parameters())
-        return trainable_count(self.targets, self.config, total)
+        return self.method.count(self.targets, self.config, total)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything that is trained, by stable names: what an adapter file holds."""
-        m = self.config.method
-        if m in ("tinylora", "lora-xs"):
-            return {"v": self.v.detach()}
-        if m == "lora":
-            state = {}
-            for t, A, B in zip(self.targets, self.lora_A, self.lora_B):
-                state[f"{t.name}.lora_A"] = A.detach()
-                state[f"{t.name}.lora_B"] = B.detach()
-            return state
-        if m == "full":
-            return {k: v.detach() for k, v in self.base_model.state_dict().items()}
-        return {}
+        return self.method.state(self)
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -285,8 +236,7 @@ class Adapter(nn.Module):
         restores them bit for bit: a training loop that merges for every rollout must not let
         rounding drift accumulate in the base. Without it, unmerge() subtracts ΔW again.
         """
-        if self.merged or self.config.method in ("full", "frozen"):
-            self.merged = self.config.method not in ("full", "frozen")
+        if self.merged or not self.targets:  # full, frozen: no ΔW outside the weights themselves
             return
         if exact and self._originals is None:
             self._originals = [m.weight.detach().clone() for m in self.modules_by_index]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from torch import nn
-
-from tinylora.config import AdapterConfig
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -49,8 +46,8 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[Target]:
     return out
 
 
-def tie_groups(targets: list[Target], config: AdapterConfig) -> list[list[int]]:
-    """Partition target indices into groups of n_tie that share one v.
+def tie_groups(targets: list[Target], n_tie: int | str, tie: str = "tiled") -> list[list[int]]:
+    """Partition target indices into groups of n_tie ('all': one group) that share one v.
 
     tiled: chunks of consecutive modules in depth order (layer 0 q,k,v,o,gate,up,down, layer 1 ...).
     structured: modules ordered by type first (all q_proj by layer, then all k_proj ...), then chunked,
@@ -58,24 +55,18 @@ def tie_groups(targets: list[Target], config: AdapterConfig) -> list[list[int]]:
     the layer count is not a multiple of n_tie a structured group can span two types at the seam.
     """
     n = len(targets)
-    if config.method in ("lora", "full", "frozen"):
-        return [[i] for i in range(n)]
-    size = n if config.n_tie == "all" else int(config.n_tie)
+    size = n if n_tie == "all" else int(n_tie)
     order = list(range(n))
-    if config.tie == "structured":
+    if tie == "structured":
         kinds = list(dict.fromkeys(t.kind for t in targets))  # first-seen order: q, k, v, o, ...
         order.sort(key=lambda i: (kinds.index(targets[i].kind), targets[i].layer, i))
     return [order[i:i + size] for i in range(0, n, size)]
 
 
-def trainable_count(targets: list[Target], config: AdapterConfig, total_params: int | None = None) -> int:
-    if config.method in ("tinylora", "lora-xs"):
-        n_tie = len(targets) if config.n_tie == "all" else int(config.n_tie)
-        return math.ceil(len(targets) / n_tie) * config.numbers_per_group
-    if config.method == "lora":
-        return sum(config.r * (out + inp) for out, inp in (t.shape for t in targets))
-    if config.method == "full":
-        if total_params is None:
-            raise ValueError("counting 'full' needs the model's total parameter count")
-        return total_params
-    return 0
+def group_index(groups: list[list[int]], n: int) -> list[int]:
+    """The inverse of a tying plan: the group of each of the n targets."""
+    group_of = [0] * n
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    return group_of

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from tinylora.config import DEFAULT_TARGETS, METHODS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
+from tinylora.config import DEFAULT_TARGETS, SVD_MODES, TIE_MODES, V_DTYPES, AdapterConfig
+from tinylora.methods import METHODS
 
 
 def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> list[argparse.Action]:
@@ -15,7 +16,7 @@ def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> list[argp
     def add(*flags, **kw):
         actions.append(g.add_argument(*flags, **kw))
 
-    add("--method", choices=METHODS, default="tinylora", help="what is trained (default: tinylora)")
+    add("--method", choices=list(METHODS), default="tinylora", help="what is trained (default: tinylora)")
     add("--r", type=int, default=2, help="frozen SVD rank, or LoRA rank (default: 2)")
     add("--u", type=int, default=1, help="tinylora: trainable numbers per tied group (default: 1)")
     add("--n-tie", default=n_tie, help=f"modules sharing one v, or 'all' (default: {n_tie})")

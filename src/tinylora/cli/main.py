@@ -40,7 +40,7 @@ def cmd_info(args) -> None:
     config, meta, tensors = read_adapter_file(args.adapter)
     info = {"config": json.loads(config.to_json()), "base": meta.get("base"), "tinylora": meta.get("tinylora"),
             "fingerprint": meta["fingerprint"], "trainable_params": sum(t.numel() for t in tensors.values()),
-            "v": {k: t.float().tolist() for k, t in tensors.items()} if config.method in ("tinylora", "lora-xs")
+            "v": {k: t.float().tolist() for k, t in tensors.items()} if config.method_object.single_v
             else None}
     print(json.dumps(info, indent=None if args.json else 2))
 

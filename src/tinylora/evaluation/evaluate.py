@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from tinylora.atomic import atomic_write_text
 from tinylora.generation.engine import Engine
+from tinylora.generation.weights import for_generation
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
 from tinylora.tasks.rewards import (
@@ -47,7 +48,7 @@ def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
 def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
              max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
              suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
-             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights=None,
+             out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights="merged",
              exact: bool = False) -> dict:
     """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and, where
     every gold answer is a number, by the lenient rule beside it (the last number in the completion equals
@@ -56,14 +57,17 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     `reward` is a built-in rule's name or FILE.py:function / module:function (see `rewards`): `accuracy`
     is then the mean reward over the scored samples (the fraction correct for a 0/1 reward), its interval
     Wilson's for 0/1 rewards and the normal approximation otherwise.
-    The model generates with `weights` (a `cpu_weights` copy, the adapter running as hooks on top) when
-    given, else with the adapter merged into its weights (`exact`: restored bit for bit after, as training
-    that goes on after the evaluation needs).
+    The model generates with `weights`: a GenerationWeights, or a choice for `for_generation` (default
+    merged: the adapter folded into the weights; `exact`: restored bit for bit after, as training that goes
+    on after the evaluation needs).
 
     With `out_jsonl`, rows go to `out_jsonl`.partial batch by batch, so a killed evaluation resumes: a
     call with the same settings, model state and problems reuses the whole batches there (generation is
     seeded per batch, so the result is the same) and generates only the rest.
     """
+    if isinstance(weights, str):
+        weights = for_generation(model, weights, trains_base=adapter is not None and adapter.method.trains_base,
+                                 exact=exact)
     reward_fn = load_reward(reward)
     extract = REWARDS[reward][1] if is_builtin(reward) else None
     lenient = all(parse_number(p.answer) is not None for p in problems)
@@ -72,7 +76,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
     partial = Path(str(out_jsonl) + ".partial") if out_jsonl else None
     resume_key = partial and _resume_key(model, adapter, dict(  # only with a file: full FT hashes GBs
         reward=reward, k=k, greedy=greedy, temperature=None if greedy else temperature, max_new_tokens=max_new_tokens,
-        per_batch=per_batch, suffix=suffix, system=system, seed=seed, weights=weights is not None, exact=exact,
+        per_batch=per_batch, suffix=suffix, system=system, seed=seed, weights=weights.label, exact=weights.exact,
         problems=[(p.question, p.answer) for p in problems]))
     rows = _resumable_rows(partial, resume_key, per_batch * k, len(problems) * k)
     starts = range(len(rows) // k, len(problems), per_batch)
@@ -82,7 +86,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples
         partial.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "w") as f:  # rewritten: drops a line a kill cut short
             f.writelines(json.dumps(r) + "\n" for r in [{"resume_key": resume_key}, *rows])
-    engine = Engine(model, tokenizer, weights=weights, adapter=adapter, exact=exact)
+    engine = Engine(model, tokenizer, weights=weights, adapter=adapter)
     with engine.generating():  # entered once: a merge is not redone for every batch
         for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
             chunk = problems[start:start + per_batch]

@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinylora.adapter.model import Adapter, attach, projections
-from tinylora.adapter.plan import tie_groups
+from tinylora.adapter.model import Adapter, attach
+from tinylora.adapter.plan import group_index
 from tinylora.config import AdapterConfig
 from tinylora.io import read_adapter_file
+from tinylora.methods import SINGLE_V
+from tinylora.methods.tinylora import mix
 from tinylora.storage.file import check_fingerprint, fingerprint
 
-SERVABLE = ("tinylora", "lora-xs")
+SERVABLE = SINGLE_V  # one v over the shared U, Σ, V
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these
 MAX_ABS_V = 1e4  # trained v stay far below; larger ones only overflow
 PACK_CACHE = 4096  # R stacks of pack adapters kept after use (~2.7 KB each on the default model)
@@ -162,7 +164,7 @@ class AdapterBank:
             v = torch.as_tensor(v, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{source}: v is not an array of numbers: {e}") from e
-        n_groups = len(tie_groups(self.adapter.targets, config))  # checked before P is built: u sets its size
+        n_groups = len(config.method_object.groups(self.adapter.targets, config))  # before P: u sets its size
         if tuple(v.shape) != (n_groups, config.numbers_per_group):
             raise ValueError(f"{source}: v has shape {list(v.shape)}, expected [{n_groups}, "
                              f"{config.numbers_per_group}] for this config on this model")
@@ -174,7 +176,7 @@ class AdapterBank:
         P, group_of, _ = _projections(config.to_json(), tuple(self.adapter.targets))
         v = v.to(torch.bfloat16 if config.v_dtype == "bf16" else torch.float16 if config.v_dtype == "fp16"
                  else torch.float32).float()  # the values the adapter itself would hold
-        R = config.scale * torch.einsum("mk,mkij->mij", v[group_of], P)  # [n_modules, r, r]
+        R = mix(v[group_of], P, config.scale)  # [n_modules, r, r]
         return R.to(self.device)
 
     def _check_shared(self, config: AdapterConfig, source: str) -> None:
@@ -219,9 +221,8 @@ def _projections(config_json: str, targets: tuple):
     """P of every module [n_modules, k, r, r], each module's tie group [n_modules], and the group count:
     the same for every adapter of one config, so computed once."""
     config = AdapterConfig.from_json(config_json)
-    groups = tie_groups(list(targets), config)
-    group_of = torch.empty(len(targets), dtype=torch.long)
-    for g, members in enumerate(groups):
-        group_of[members] = g
-    P = torch.stack([projections(config, t.name) for t in targets])  # [n_modules, k, r, r]
+    method = config.method_object
+    groups = method.groups(list(targets), config)
+    group_of = torch.tensor(group_index(groups, len(targets)), dtype=torch.long)
+    P = torch.stack([method.projections(config, t.name) for t in targets])  # [n_modules, k, r, r]
     return P, group_of, len(groups)

@@ -61,19 +61,19 @@ class Sequence:
 class Engine:
     def __init__(self, model, tokenizer, *, weights="auto", adapter=None, exact: bool = False, bank=None,
                  max_batch: int = 64):
-        """`weights`: a `cpu_weights` choice ('auto', 'packed', 'merged', 'hooks', 'int8'), an existing copy,
-        or None (generate with the adapter merged in; `exact` restores the weights bit for bit after).
+        """`weights`: a GenerationWeights, or a choice for `cpu_weights.for_generation` ('auto', 'packed',
+        'merged', 'hooks', 'int8'; `exact`: a merge is undone bit for bit).
         `bank`: an AdapterBank; every row then runs its own adapter (Sequence.R), the base where it has none.
         """
         self.model, self.tokenizer = model, tokenizer
         self.bank = bank
         self.adapter = bank.adapter if bank is not None else adapter
         if isinstance(weights, str):
-            method = self.adapter.config.method if self.adapter is not None else "frozen"
-            weights = cpu_weights.for_generation(model, weights, method)
-        if bank is not None and weights is None:  # rows differ: a merge would give every row the same adapter
+            trains_base = self.adapter is not None and self.adapter.method.trains_base
+            weights = cpu_weights.for_generation(model, weights, trains_base=trains_base, exact=exact)
+        if bank is not None and isinstance(weights, cpu_weights.Merged):  # a merge gives every row one adapter
             weights = cpu_weights.AdapterHooks()
-        self.weights, self.exact = weights, exact
+        self.weights = weights
         self.device = next(model.parameters()).device
         self.eos = set(eos_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
@@ -98,7 +98,7 @@ class Engine:
             return
         self._generating = True
         try:
-            with cpu_weights.generating(self.weights, None if self.bank is not None else self.adapter, self.exact):
+            with self.weights.generating(None if self.bank is not None else self.adapter):
                 yield
         finally:
             self._generating = False
@@ -367,6 +367,6 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     not the longest; each token's log-prob under the sampling law comes for free (for the importance
     correction).
     """
-    return Engine(model, tokenizer, weights=None).generate(
+    return Engine(model, tokenizer, weights="merged").generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, seed=seed,
         with_logprobs=with_logprobs, repeats=repeats)

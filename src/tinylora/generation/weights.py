@@ -1,17 +1,19 @@
-"""Fast copies of a model's linear weights for CPU generation (rollouts and evaluation).
+"""How a model generates under an adapter: one `GenerationWeights` object, chosen once by `for_generation`
+from the device, the dtype, the free memory and what the caller asked. Trainer, evaluation and server take it
+and generate inside `weights.generating(adapter)`, which prepares the model and undoes it after.
 
-At decode batch sizes (M = B·G ≈ 32 rows) PyTorch's default fp32 GEMM re-packs every weight matrix on
-every call and runs at a third of this machine's matmul peak. Two copies, taken once, fix that:
-
-- `PackedWeights`: the same fp32 weights, pre-packed once in oneDNN's blocked layout (the op that
-  torch.compile's CPU freezing pass uses). Exact up to summation order; faster than plain merged
-  weights at rollout batch sizes (BENCHMARKS.md). Costs one more fp32 copy of the linear weights.
+- `Merged`: ΔW folded into the weights for the block (`exact`: restored bit for bit after, as training needs).
+- `AdapterHooks`: the model's own weights, the adapter as hooks, as in training: exact in any dtype.
+- `PackedWeights`: at decode batch sizes (M = B·G ≈ 32 rows) PyTorch's default fp32 GEMM re-packs every
+  weight matrix on every call and runs at a third of this machine's matmul peak; this copy is pre-packed once
+  in oneDNN's blocked layout (the op torch.compile's CPU freezing pass uses). Exact up to summation order;
+  faster than merged at rollout batch sizes (BENCHMARKS.md). Costs one more fp32 copy of the linear weights.
 - `Int8Weights`: fbgemm int8 weights (per-output-channel), activations quantized on the fly: faster
   still, but the rollout policy differs measurably from the fp32 one (BENCHMARKS.md).
 
-Either way the adapter keeps running as its fp32 hook on top (y = W̃x + s·UΣRVᵀx), so nothing is
-re-packed or re-quantized when v changes. Only for no-grad forwards: with autograd on, a module falls
-back to its plain fp32 forward.
+With a copy the adapter keeps running as its fp32 hook on top (y = W̃x + s·UΣRVᵀx), so nothing is
+re-packed or re-quantized when v changes. Copies serve no-grad forwards only: with autograd on, a module
+falls back to its plain fp32 forward.
 """
 
 from __future__ import annotations
@@ -40,14 +42,49 @@ def packed_available() -> bool:
         return False
 
 
-class LinearCopies:
+class GenerationWeights:
+    """What a model generates with; `generating(adapter)` is the context to generate in."""
+
+    label = ""  # for logs
+    matches_training = True  # the numbers of the fp32 training forward (up to summation order)
+    exact = False  # Merged: the weights are restored bit for bit after each block
+
+    def generating(self, adapter=None):
+        return contextlib.nullcontext(self)
+
+    def for_evaluation(self, model: nn.Module, exact: bool = False) -> "GenerationWeights":
+        """The weights an evaluation of a training run reuses: these where they match training, else the
+        exact choice for the model (merged on a CPU in fp32, `exact` if training goes on after; else hooks)."""
+        if self.matches_training and not isinstance(self, Merged):
+            return self
+        weight = next(model.parameters())
+        return Merged(exact) if weight.device.type == "cpu" and weight.dtype == torch.float32 else AdapterHooks()
+
+
+class Merged(GenerationWeights):
+    """The adapter folded into the weights while generating; `exact`: restored bit for bit after."""
+
+    label = "merged"
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+
+    def __str__(self) -> str:
+        return "the adapter merged into the weights for each rollout"
+
+    def generating(self, adapter=None):
+        if adapter is None or not adapter.enabled:  # disabled: the base model, nothing to fold in
+            return contextlib.nullcontext(self)
+        return adapter.merged_weights(exact=self.exact)
+
+
+class LinearCopies(GenerationWeights):
     """A per-nn.Linear copy of the weights, swapped in by `with copies.active(): ...`.
 
     Module objects stay the same (only their forward changes while active), so forward hooks, the
     adapter's included, keep firing.
     """
 
-    label = ""  # what the copy is, for logs
     bytes_per_weight = 4
 
     def __init__(self, model: nn.Module):
@@ -58,6 +95,9 @@ class LinearCopies:
 
     def __str__(self) -> str:
         return f"{self.label} copy of the linear weights (+{self.nbytes / 1e9:.1f} GB), adapter as hooks"
+
+    def generating(self, adapter=None):
+        return self.active()
 
     def convert(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -108,6 +148,7 @@ class Int8Weights(LinearCopies):
     """int8 weights through fbgemm: ¼ of the fp32 memory, faster than fp32 rollouts on AVX2, approximate."""
 
     label, bytes_per_weight = "int8", 1
+    matches_training = False
 
     def __init__(self, model: nn.Module):
         if not int8_available():
@@ -166,7 +207,7 @@ def linear_bytes(model: nn.Module, bytes_per_weight: int = 4) -> int:
     return sum(bytes_per_weight * m.weight.numel() for _, m in _cpu_linears(model))
 
 
-class AdapterHooks:
+class AdapterHooks(GenerationWeights):
     """No copy: the model's own weights, the adapter added by its hooks, as in training. The exact choice off
     the CPU and in bf16/fp16, where folding a small ΔW into the weights would round most of it away."""
 
@@ -175,41 +216,30 @@ class AdapterHooks:
     def __str__(self) -> str:
         return "the model's own weights, adapter as hooks (no merge)"
 
-    def active(self):
-        return contextlib.nullcontext(self)
 
-
-def generating(weights: LinearCopies | AdapterHooks | None, adapter=None, exact: bool = False):
-    """The context a model generates in: the weight copy (the adapter running as hooks on top) when there
-    is one, else the adapter merged into the weights (`exact`: as `Adapter.merged_weights`), else as is."""
-    if weights is not None:
-        return weights.active()
-    return adapter.merged_weights(exact=exact) if adapter is not None else contextlib.nullcontext()
-
-
-def for_generation(model: nn.Module, choice: str = "auto", method: str = "tinylora") \
-        -> LinearCopies | AdapterHooks | None:
-    """The weight copy `choice` asks for, AdapterHooks, or None: generate with the adapter merged in.
+def for_generation(model: nn.Module, choice: str = "auto", *, trains_base: bool = False,
+                   exact: bool = False) -> GenerationWeights:
+    """The GenerationWeights `choice` asks for. `trains_base`: the method changes the base weights (full
+    fine-tuning), so a copy taken once would go stale. `exact`: a merge is undone bit for bit.
 
     'auto' is packed fp32 where it applies (fp32 weights on a CPU with oneDNN) and the copy takes at
     most half of the memory available now (training still needs room for activations); elsewhere on a
     CPU with fp32 weights, merged; on a GPU or with bf16/fp16 weights, hooks (a merge would round ΔW away).
-    A copy is taken once, so full fine-tuning (which changes the weights themselves) uses merged.
     """
     if choice not in CHOICES:
         raise ValueError(f"rollout_weights={choice!r}: expected one of {', '.join(CHOICES)}")
     weight = next(model.parameters())
     if choice == "auto":
-        fits = weight.device.type == "cpu" and weight.dtype == torch.float32 and method != "full"
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        fits = cpu_fp32 and not trains_base
         free = available_memory() if fits else None
         fits = fits and (free is None or linear_bytes(model) <= free / 2)
-        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        choice = "packed" if fits and packed_available() else "merged" if cpu_fp32 or method == "full" else "hooks"
+        choice = "packed" if fits and packed_available() else "merged" if cpu_fp32 or trains_base else "hooks"
     if choice == "merged":
-        return None
+        return Merged(exact)
     if choice == "hooks":
         return AdapterHooks()
-    if method == "full":
+    if trains_base:
         raise ValueError(f"rollout_weights={choice!r} copies the weights once, but full fine-tuning changes them: "
                          "use 'merged'")
     if weight.device.type != "cpu":

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from tinylora.config import AdapterConfig
+from tinylora.methods import SINGLE_V
 from tinylora.models import DTYPES
 from tinylora.storage.file import read_file, write_adapter_file
 from tinylora.version import __version__
 
 PACK_FORMAT = "tinylora-pack"
 PACK_VERSION = "1"
-PACKABLE = ("tinylora", "lora-xs")  # adapters that are one tensor v
+PACKABLE = SINGLE_V  # adapters that are one tensor v
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 

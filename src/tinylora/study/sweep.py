@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from tinylora.atomic import atomic_write_text
+from tinylora.methods import method_of
 from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
 from tinylora.study.spec import Run, TrainParser, load_spec
 
@@ -43,7 +44,7 @@ EVAL_KEYS = ("model", "dtype", "device", "task", "data", "eval_data", "prompt_te
 # ---- one run -------------------------------------------------------------------------------------
 def eval_key(run: Run) -> str:
     a = run.args
-    full = a.method == "full"  # generates with merged weights, not the packed copy: another summation order
+    full = method_of(a.method).trains_base  # generates with merged weights, not a packed copy: another summation order
     values = [(a.eval_reward or a.reward) if k == "reward" else getattr(a, k) for k in EVAL_KEYS]  # the scoring rule
     return json.dumps(values + [full])
 

@@ -156,7 +156,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.progress = progress and self.rank == 0
         # rollouts: a fast weight copy with the adapter as hooks, or the adapter merged in for each rollout
-        self.engine = Engine(model, tokenizer, weights=cfg.rollout_weights if cfg.algo == "grpo" else None,
+        self.engine = Engine(model, tokenizer, weights=cfg.rollout_weights if cfg.algo == "grpo" else "merged",
                              adapter=adapter, exact=True)
         self.stop_requested = False
 
@@ -284,7 +284,7 @@ class Trainer:
                            logp_gap=sum(gaps) / len(gaps) if gaps else 0.0,
                            clip_frac=totals["clip_tokens"] / max(totals["tokens"], 1.0),
                            kl=totals["kl_tokens"] / max(totals["tokens"], 1.0))
-        if self.adapter.config.method in ("tinylora", "lora-xs"):
+        if self.adapter.method.single_v:
             metrics["v"] = self.adapter.v.detach().float().flatten().tolist()
         return metrics
 
