@@ -102,3 +102,18 @@ def test_training_pools_hold_no_held_out_question_for_every_task(tmp_path):
     other.write_text(rows(["A?"]))
     assert [p.question for p in DataConfig(data=str(user), eval_data=str(other)).problems("train", None)] == \
         ["B?", "C?", "B?"]
+
+
+def test_each_task_owns_its_answer_format_instruction():
+    from tinylora.api import DataConfig
+    from tinylora.tasks import instruction
+    from tinylora.tasks.prompts import DEFAULT_SUFFIX
+    # arithmetic, GSM8K and {question, answer} rows are scored by the "####" line, so they ask for it
+    assert instruction("arithmetic") == instruction("gsm8k") == instruction("my.jsonl") == DEFAULT_SUFFIX
+    assert "####" in DEFAULT_SUFFIX
+    # a prompt template is the whole message: nothing appended
+    assert instruction("my.jsonl", "Reverse {word}.") == ""
+    assert DataConfig(data="words.jsonl", prompt_template="Reverse {word}.").instruction() == ""
+    assert DataConfig().instruction() == DEFAULT_SUFFIX
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        instruction("mmlu")

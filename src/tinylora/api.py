@@ -20,16 +20,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from tinylora.atomic import atomic_write_text
 from tinylora.config import AdapterConfig
 from tinylora.embedded import DEFAULT_MODEL, listing
+from tinylora.evaluation.config import EVAL_DEFAULTS
+from tinylora.evaluation.evaluate import accuracy_line
 from tinylora.generation import weights as cpu_weights
 from tinylora.methods import SINGLE_V
 from tinylora.models import DEVICES, DTYPES
 from tinylora.tasks import Problem
-from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
+from tinylora.tasks.prompts import DEFAULT_SYSTEM
 from tinylora.training import dist
 from tinylora.training.trainer import TrainConfig
 
@@ -107,6 +107,11 @@ class DataConfig:
     def source(self) -> str:
         return self.data or self.task
 
+    def instruction(self) -> str:
+        """The answer-format instruction the task appends to each question (none under a prompt template)."""
+        from tinylora.tasks import instruction
+        return instruction(self.source, self.prompt_template)
+
     def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
         """`n` problems of `split`; the training split never holds a question of the held-out set (see
         `training_pool`)."""
@@ -158,7 +163,8 @@ class DataConfig:
 class RunConfig:
     out: str = field(default="runs/default", metadata={"help": "output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.safetensors"})
-    eval_batch_size: int = field(default=50, metadata={"help": "sequences generated together in evaluation"})
+    eval_batch_size: int = field(default=EVAL_DEFAULTS.batch_size,
+                                 metadata={"help": "sequences generated together in evaluation"})
     eval_every: int = field(default=0, metadata={
         "help": "also score the --eval-n held-out problems every N steps (0: only before and after training): "
                 "a learning curve in metrics.jsonl, summary.json and the plot"})
@@ -191,24 +197,73 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
 
     Returns the summary (also in OUT/summary.json). Resumable: run.resume continues from the last step.
     """
-    from tinylora.adapter import attach
-    from tinylora.evaluation.evaluate import evaluate as score_problems
     from tinylora.io import save_adapter
-    from tinylora.models import load_model, resolve_device
+    from tinylora.models import resolve_device
     from tinylora.training.plots import plot_run
+    from tinylora.training.run import HeldOut, TimeSpent, report, summarize
     from tinylora.training.tracking import make_tracker
-    from tinylora.training.trainer import Trainer
 
     model, data, adapter = model or ModelConfig(), data or DataConfig(), adapter or AdapterConfig()
     cfg, run = training or TrainConfig(), run or RunConfig()
-    if data.prompt_template and cfg.suffix == DEFAULT_SUFFIX:
-        cfg = replace(cfg, suffix="")  # the template is the whole message: no math instruction appended
-    t_start = time.time()
-    out = Path(run.out)
+    if cfg.suffix is None:
+        cfg = replace(cfg, suffix=data.instruction())
+    t_start, out = time.time(), Path(run.out)
     rank, _ = dist.init(resolve_device(model.device).split(":")[0])
     say = print if rank == 0 else (lambda *a, **k: None)
+    label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
+    trainer, eval_problems = _trainer(model, data, adapter, cfg, run, out, label, say, show=run.progress and rank == 0)
+    net, ad = trainer.model, trainer.adapter
+    rule = run.eval_reward or cfg.reward
+    tracker = make_tracker(run.report_to, out, {"model": asdict(model), "data": asdict(data),
+                                                 "adapter": asdict(adapter), "train": asdict(cfg)}) \
+        if rank == 0 else None
+    held_out = HeldOut(net, trainer.tok, ad, eval_problems, trainer.engine.weights, rule, out,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, suffix=cfg.suffix,
+                       system=cfg.system or None, progress=run.progress and rank == 0, label=label, tracker=tracker)
+    base, base_reused = None, False
+    if eval_problems and rank == 0:
+        base, base_reused = held_out.base(run.resume)
+        say(f"base accuracy {accuracy_line(base, rule)}")
+
+    spent = TimeSpent(out, run.resume, t_start)
+
+    def on_step(m: dict) -> None:
+        if rank == 0:
+            spent.save()
+        if tracker:
+            tracker.log(m)
+
+    history = trainer.fit(resume=run.resume, on_step=on_step, eval_every=run.eval_every,
+                          on_eval=held_out.during if eval_problems and rank == 0 else None)
+    spent.training_done()
+    if rank != 0:
+        dist.shutdown()
+        return {}
+    adapter_path = save_adapter(ad, out / "adapter.safetensors")
+    final = None
+    if eval_problems and not trainer.stop_requested:  # stopped early: the resumed run evaluates at its end
+        final = held_out.final(len(history))
+    summary = summarize(model=model.model, task=data.source, algo=cfg.algo, adapter=ad, adapter_path=adapter_path,
+                        history=history, base=base, final=final, base_reused=base_reused, spent=spent.totals(),
+                        stopped_early=trainer.stop_requested)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tracker:
+        tracker.close()
+    if history:
+        plot_run(history, [e for e in (base, *summary["evals_during"], final) if e], out)
+    report(summary, rule, out, say)
+    dist.shutdown()
+    return summary
+
+
+def _trainer(model: ModelConfig, data: DataConfig, adapter: AdapterConfig, cfg: TrainConfig, run: RunConfig,
+             out: Path, label: str, say, show: bool):
+    """Load the model, attach the adapter, draw the problems: (the Trainer, the held-out problems)."""
+    from tinylora.adapter import attach
+    from tinylora.models import load_model
+    from tinylora.training.trainer import Trainer
     net, tokenizer = load_model(model.model, model.dtype, model.device)
-    ad = attach(net, adapter, progress=run.progress and rank == 0)
+    ad = attach(net, adapter, progress=show)
     train_problems, dropped = data.training_pool(data.n, seed=cfg.seed)
     # the held-out set does not move with the seed: runs with different seeds are scored on the same problems
     eval_problems = data.problems("test", data.eval_n) if data.eval_n else []
@@ -216,116 +271,17 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         f"{ad.num_trainable():,} trainable parameters ({ad.config.method}, {len(ad.targets)} modules, "
         f"{len(ad.groups)} groups); {len(train_problems)} training problems"
         + (f" ({dropped} left out: also held out)" if dropped else ""))
-    label = os.environ.get("TINYLORA_PROGRESS_LABEL", "")  # set by `tinylora sweep`
     trainer = Trainer(net, tokenizer, ad, train_problems, cfg, out, progress=run.progress, label=label)
-    rollout_weights = trainer.engine.weights
     if cfg.algo == "grpo":
-        say(f"rollout weights: {rollout_weights}")
-    rule = run.eval_reward or cfg.reward
-    ev = dict(max_new_tokens=cfg.max_new_tokens, batch_size=run.eval_batch_size, reward=rule,
-              suffix=cfg.suffix, system=cfg.system or None, progress=run.progress and rank == 0)
-    tracker = make_tracker(run.report_to, out, {"model": asdict(model), "data": asdict(data),
-                                                 "adapter": asdict(adapter), "train": asdict(cfg)}) \
-        if rank == 0 else None
-
-    base_path = out / "eval_base.json"
-    base, base_reused = None, False
-    if eval_problems and rank == 0:
-        if run.resume and base_path.is_file():  # a resumed run, or a sweep's copy from an identical run
-            base, base_reused = json.loads(base_path.read_text()), True
-        else:
-            with ad.disabled():
-                base = score_problems(net, tokenizer, eval_problems, out_jsonl=out / "eval_base.jsonl",
-                                      desc=label + "eval base", weights=rollout_weights.for_evaluation(net), **ev)
-            base["step"] = 0
-            out.mkdir(parents=True, exist_ok=True)
-            base_path.write_text(json.dumps(base))
-        say(f"base accuracy {accuracy_line(base, rule)}")
-        if tracker:
-            tracker.log_eval("base", base)
-
-    def eval_during(steps_done: int) -> dict:  # the held-out set mid-training: greedy, so training's RNG is untouched
-        e = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / f"eval_step{steps_done}.jsonl",
-                           desc=label + f"eval step {steps_done}",
-                           weights=rollout_weights.for_evaluation(net, exact=True), **ev)
-        e["step"] = steps_done
-        tqdm.write(f"step {steps_done}: {accuracy_line(e, rule)}")  # print would break the progress bar
-        if tracker:
-            tracker.log_eval("during", e)
-        return {k: e[k] for k in ("step", "accuracy", "ci95", "lenient_accuracy", "lenient_ci95") if k in e}
-
-    # a run's cost over all its sittings: each step records the time spent so far, so a resumed run adds to it
-    spent_path = out / "time_spent.json"
-    spent = {"wall_seconds": 0.0, "train_seconds": 0.0, "sittings": 0}
-    if run.resume and spent_path.is_file():
-        try:
-            spent.update(json.loads(spent_path.read_text()))
-        except ValueError:  # unreadable: count from here
-            pass
-    t_train = time.time()
-
-    def on_step(m: dict) -> None:
-        if rank == 0:
-            now = time.time()
-            atomic_write_text(spent_path, json.dumps({"wall_seconds": spent["wall_seconds"] + now - t_start,
-                                                      "train_seconds": spent["train_seconds"] + now - t_train,
-                                                      "sittings": spent["sittings"] + 1}))
-        if tracker:
-            tracker.log(m)
-
-    history = trainer.fit(resume=run.resume, on_step=on_step, eval_every=run.eval_every,
-                          on_eval=eval_during if eval_problems and rank == 0 else None)
-    t_train = time.time() - t_train
-    if rank != 0:
-        dist.shutdown()
-        return {}
-    adapter_path = save_adapter(ad, out / "adapter.safetensors")
-    final = None
-    if eval_problems and not trainer.stop_requested:  # stopped early: the resumed run evaluates at its end
-        final = score_problems(net, tokenizer, eval_problems, adapter=ad, out_jsonl=out / "eval_final.jsonl",
-                               desc=label + "eval final",
-                               weights=rollout_weights.for_evaluation(net), **ev)
-        final["step"] = len(history)
-        if tracker:
-            tracker.log_eval("final", final)
-    steps_done = [m for m in history if "tokens_per_s" in m]
-    during = [m["eval"] for m in history if "eval" in m]
-    summary = {
-        "model": model.model, "task": data.source, "algo": cfg.algo,
-        "config": json.loads(ad.config.to_json()),
-        "trainable_params": ad.num_trainable(), "adapter_file": str(adapter_path),
-        "adapter_bytes": adapter_path.stat().st_size, "steps": len(history),
-        "base_eval": base, "base_eval_reused": base_reused, "final_eval": final, "evals_during": during,
-        "train_seconds": round(spent["train_seconds"] + t_train, 1),
-        "wall_seconds": round(spent["wall_seconds"] + time.time() - t_start, 1),
-        "sittings": spent["sittings"] + 1,
-        "mean_step_seconds": round(sum(m["step_time"] for m in history) / max(len(history), 1), 2),
-        "rollout_tokens_per_s": round(sum(m["tokens_per_s"] for m in steps_done) / max(len(steps_done), 1), 1),
-        "stopped_early": trainer.stop_requested,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if tracker:
-        tracker.close()
-    if history:
-        plot_run(history, [e for e in (base, *during, final) if e], out)
-    say("\n" + "=" * 64)
-    if base and final:
-        say(f"accuracy  {accuracy_line(base, rule)}\n      →   {accuracy_line(final, rule)}")
-    say(f"trained   {summary['trainable_params']:,} parameters, adapter file {summary['adapter_bytes']} bytes "
-        f"({adapter_path})")
-    say(f"time      {summary['wall_seconds'] / 60:.1f} min total, {summary['steps']} steps of "
-        f"{summary['mean_step_seconds']:.0f} s, rollouts {summary['rollout_tokens_per_s']:.0f} tokens/s")
-    if trainer.stop_requested:
-        say(f"stopped early: continue with the same command plus --resume (out: {out})")
-    say(f"outputs   {out}/ (summary.json, metrics.jsonl, reward.png, eval_*.jsonl)")
-    dist.shutdown()
-    return summary
+        say(f"rollout weights: {trainer.engine.weights}")
+    return trainer, eval_problems
 
 
 def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *, adapter: str | None = None,
-             split: str = "test", n: int | None = 100, samples: int | None = None, temperature: float = 1.0,
-             max_new_tokens: int = 32, batch_size: int = 50, reward: str = "strict", seed: int = 0,
-             weights: str = "auto", suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM,
+             split: str = "test", n: int | None = 100, samples: int | None = None,
+             temperature: float = EVAL_DEFAULTS.temperature, max_new_tokens: int = EVAL_DEFAULTS.max_new_tokens,
+             batch_size: int = EVAL_DEFAULTS.batch_size, reward: str = "strict", seed: int = 0,
+             weights: str = "auto", suffix: str | None = None, system: str | None = DEFAULT_SYSTEM,
              out: str | None = None, strict: bool = True, progress: bool = True,
              random_direction: int | None = None) -> dict:
     """Accuracy (95% CI) of the base model, or of it with the adapter file `adapter`, on `n` problems of
@@ -347,8 +303,8 @@ def evaluate(model: ModelConfig | None = None, data: DataConfig | None = None, *
             raise _bad(name, locals()[name], expected)
     if weights not in cpu_weights.CHOICES:
         raise ValueError(f"weights={weights!r} is invalid (--weights): expected {', '.join(cpu_weights.CHOICES)}")
-    if data.prompt_template and suffix == DEFAULT_SUFFIX:
-        suffix = ""
+    if suffix is None:
+        suffix = data.instruction()
     net, tokenizer = load_model(model.model, model.dtype, model.device)
     ad = load_adapter(net, adapter, strict=strict) if adapter else None
     if random_direction is not None:
@@ -371,15 +327,3 @@ def _randomize_direction(ad, seed: int) -> None:
     with torch.no_grad():
         d = torch.randn(ad.v.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         ad.v.copy_((d / d.norm() * ad.v.double().norm()).to(ad.v.dtype))
-
-
-def accuracy_line(e: dict, rule: str) -> str:
-    """'43.0% [95% CI 36.3%–49.9%] (strict, n=200), 54.0% [...] (lenient: the last number)': how every command
-    prints an evaluation."""
-    def one(prefix: str) -> str:
-        lo, hi = e[prefix + "ci95"]
-        return f"{e[prefix + 'accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}]"
-    text = f"{one('')} ({rule}, n={e['n_samples']})"
-    if "lenient_accuracy" in e:
-        text += f", {one('lenient_')} (lenient: the last number)"
-    return text

@@ -27,13 +27,16 @@ def add_adapter_args(p: argparse.ArgumentParser, seed: bool = True) -> list[argp
         add("--seed", type=int, default=0, help="seed of the fixed random projections P (default: 0)")
     add("--v-dtype", choices=V_DTYPES, default="fp32", help="dtype of v (default: fp32)")
     add("--svd", choices=SVD_MODES, default="full", help="SVD algorithm (default: full)")
+    add("--lora-alpha", type=float, default=None, help="lora: the update is scaled by lora_alpha / r "
+        "(default: r, a scale of 1)")
     return actions
 
 
 def adapter_config(args) -> AdapterConfig:
     targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
     return AdapterConfig(method=args.method, r=args.r, u=args.u, n_tie=args.n_tie, tie=args.tie,
-                         targets=targets, seed=args.seed, v_dtype=args.v_dtype, svd=args.svd)
+                         targets=targets, seed=args.seed, v_dtype=args.v_dtype, svd=args.svd,
+                         lora_alpha=args.lora_alpha)
 
 
 def add_config_args(g, cls, skip: tuple[str, ...] = ()) -> list[argparse.Action]:
@@ -50,8 +53,9 @@ def add_config_args(g, cls, skip: tuple[str, ...] = ()) -> list[argparse.Action]
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         kind = type(default) if default is not None else str
+        shown = f.metadata.get("default_help", repr(default))
         actions.append(g.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                                      help=f"{f.metadata['help']} (default: {default!r})"))
+                                      help=f"{f.metadata['help']} (default: {shown})"))
     return actions
 
 

@@ -122,18 +122,16 @@ def cmd_serve(args) -> None:
                 timeout_graceful_shutdown=args.graceful_seconds)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tinylora.api import DataConfig, ModelConfig
-    from tinylora.generation.weights import CHOICES
-    from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
-    parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub) -> None:
+    """`tinylora train`: every flag comes from the config dataclasses."""
     p = sub.add_parser("train", help="fine-tune with GRPO (or SFT); with no arguments, the embedded default run",
                        description="Evaluate the base model, train, evaluate again, write the adapter and a summary.")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_sweep(sub) -> None:
+    """`tinylora sweep SPEC --out DIR`."""
     p = sub.add_parser("sweep", help="run many `train` runs from a TOML spec, resumably, into one results.csv",
                        description="Run every run of SPEC not yet finished under OUT (each `tinylora train "
                        "--resume` in OUT/runs/NAME/), then write OUT/results.csv and OUT/accuracy_vs_params.png. "
@@ -150,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_eval(sub) -> None:
+    """`tinylora eval`: score a model or an adapter, or compare two evaluations."""
+    from tinylora.api import DataConfig, ModelConfig
+    from tinylora.evaluation.config import EvalConfig
+    from tinylora.generation.weights import CHOICES
+    from tinylora.tasks.prompts import DEFAULT_SYSTEM
     p = sub.add_parser("eval", help="accuracy (95%% CI) of a model, with or without an adapter")
     add_config_args(p.add_argument_group("model"), ModelConfig)
     add_config_args(p.add_argument_group("data"), DataConfig, skip=("n",))
@@ -159,15 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="one greedy completion per problem (default)")
     mode.add_argument("--samples", type=int, help="k sampled completions per problem (reports pass@k too)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --samples")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="completion length limit (default: 32, as in training)")
-    p.add_argument("--batch-size", type=int, default=50, help="sequences generated together (default: 50)")
+    add_config_args(p.add_argument_group("generation"), EvalConfig)
     p.add_argument("--reward", default="strict", help="answer rule: strict, boxed, lenient, or FILE.py:function / "
                    "module:function (default: strict); lenient accuracy is reported beside it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--suffix", default=DEFAULT_SUFFIX, help="text appended to every question, as in train "
-                   "(default: the arithmetic answer-format instruction)")
+    p.add_argument("--suffix", help="text appended to every question, as in train (default: the task's "
+                   "answer-format instruction)")
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none), as in train")
     p.add_argument("--weights", choices=CHOICES, default="auto",
                    help="weights that generate, as --rollout-weights of train (default: auto, exact fp32)")
@@ -185,12 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "bootstrap 95%% CI of the difference (seeded by --seed)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_serve(sub) -> None:
+    """`tinylora serve`: the OpenAI-compatible server."""
+    from tinylora.api import ModelConfig
+    from tinylora.generation.weights import CHOICES
+    from tinylora.serve.limits import Limits
     p = sub.add_parser("serve", help="OpenAI-compatible server for the base model and many adapters at once",
                        description="Serve /v1/completions, /v1/chat/completions and /v1/models. A request's 'model' "
                        "names the base model or an adapter (its file name without .safetensors), or the request "
                        "carries one inline ('adapter': {'config': {...}, 'v': [[...]]}); all of them decode in one "
                        "batch.")
-    from tinylora.serve.limits import Limits
     add_config_args(p.add_argument_group("model"), ModelConfig)
     p.add_argument("--adapters", action="append", metavar="FOLDER_OR_PACK",
                    help="a folder whose *.safetensors adapters are all served, or an adapter pack (`tinylora pack`: "
@@ -212,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_count(sub) -> None:
+    """`tinylora count`: trainable parameters from a model config alone."""
     from tinylora.embedded import CATALOGUE
     p = sub.add_parser("count", help="count trainable parameters from a model config (no weights needed)")
     p.add_argument("--model", required=True, help="hub id from the offline catalogue, model folder, config.json, "
@@ -220,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_args(p)
     p.set_defaults(func=cmd_count)
 
+
+def _add_pack(sub) -> None:
+    """`tinylora pack ACTION PACK`: adapter packs."""
     p = sub.add_parser("pack", help="many adapters of one config and base in one file (SQLite): create, add, rm, "
                        "list, info, extract", description="An adapter pack stores the shared config and base once and "
                        "each adapter as its name (its file name without .safetensors) and v. Every change is one "
@@ -245,11 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_pack)
 
+
+def _add_info(sub) -> None:
+    """`tinylora info ADAPTER`."""
     p = sub.add_parser("info", help="show an adapter file's settings, fingerprint and values")
     p.add_argument("adapter", help="adapter .safetensors file")
     p.add_argument("--json", action="store_true", help="print one line of JSON")
     p.set_defaults(func=cmd_info)
 
+
+def _add_export(sub) -> None:
+    """`tinylora export` and `tinylora merge`."""
     for name, fmt_help in (("export", "export as a PEFT LoRA adapter (default) or a merged model folder"),
                            ("merge", "write base + adapter as one plain transformers model folder")):
         p = sub.add_parser(name, help=fmt_help)
@@ -267,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_export)
         else:
             p.set_defaults(func=cmd_export, format="merged")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinylora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_sweep, _add_eval, _add_serve, _add_count, _add_pack, _add_info, _add_export):
+        add(sub)
     return parser
 
 

@@ -11,10 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tinylora.atomic import atomic_write_text
+from tinylora.evaluation.config import EVAL_DEFAULTS
 from tinylora.generation.engine import Engine
 from tinylora.generation.weights import for_generation
 from tinylora.tasks import Problem
-from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
+from tinylora.tasks.prompts import DEFAULT_SYSTEM, chat_prompts
 from tinylora.tasks.rewards import (
     REWARDS,
     extract_last_number,
@@ -46,8 +47,9 @@ def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(model, tokenizer, problems: list[Problem], *, adapter=None, samples: int = 1, greedy: bool = True,
-             max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 32, reward: str = "strict",
-             suffix: str = DEFAULT_SUFFIX, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
+             max_new_tokens: int = EVAL_DEFAULTS.max_new_tokens, temperature: float = EVAL_DEFAULTS.temperature,
+             batch_size: int = EVAL_DEFAULTS.batch_size, reward: str = "strict",
+             suffix: str | None = None, system: str | None = DEFAULT_SYSTEM, seed: int = 0,
              out_jsonl: str | Path | None = None, progress: bool = True, desc: str = "eval", weights="merged",
              exact: bool = False) -> dict:
     """Score `problems` (greedy, or `samples` sampled completions each) by the `reward` rule, and, where
@@ -159,3 +161,15 @@ def _resumable_rows(partial: Path | None, key: str, batch_rows: int, all_rows: i
         except ValueError:  # a line cut short by the kill, and anything after it
             pass
     return rows if len(rows) >= all_rows else rows[:len(rows) // batch_rows * batch_rows]
+
+
+def accuracy_line(e: dict, rule: str) -> str:
+    """'43.0% [95% CI 36.3%–49.9%] (strict, n=200), 54.0% [...] (lenient: the last number)': how every command
+    prints an evaluation."""
+    def one(prefix: str) -> str:
+        lo, hi = e[prefix + "ci95"]
+        return f"{e[prefix + 'accuracy']:.1%} [95% CI {lo:.1%}–{hi:.1%}]"
+    text = f"{one('')} ({rule}, n={e['n_samples']})"
+    if "lenient_accuracy" in e:
+        text += f", {one('lenient_')} (lenient: the last number)"
+    return text

@@ -9,6 +9,9 @@ from __future__ import annotations
 import random
 
 from tinylora.tasks.problem import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX
+
+INSTRUCTION = DEFAULT_SUFFIX  # appended to each question: a short calculation, then "#### <number>"
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Mo", "Nia"]
 ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells", "stamps", "cookies"]
@@ -41,6 +44,11 @@ def _level3(rng: random.Random) -> Problem:
 
 
 LEVELS = {1: _level1, 2: _level2, 3: _level3}
+
+
+def load(split: str, n: int | None, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3)) -> list[Problem]:
+    """`n` problems (default 1,000) of `split`: the test split is drawn from another seed range than train."""
+    return generate(n or 1000, seed=seed + (0 if split == "train" else 10_000), levels=levels)
 
 
 def generate(n: int, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3)) -> list[Problem]:

@@ -7,8 +7,16 @@ from pathlib import Path
 
 from tinylora.tasks.jsonl import load_jsonl
 from tinylora.tasks.problem import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX
+
+INSTRUCTION = DEFAULT_SUFFIX  # gold answers are GSM8K's "#### <number>" lines: ask for the same
 
 ENV_DIR = "TINYLORA_GSM8K_DIR"
+
+
+def load(split: str, n: int | None, seed: int = 0, data_dir: str | None = None) -> list[Problem]:
+    problems = load_gsm8k(split, data_dir)
+    return problems[:n] if n else problems
 
 
 def gold_answer(solution: str) -> str:

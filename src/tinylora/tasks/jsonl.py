@@ -13,6 +13,11 @@ import string
 from pathlib import Path
 
 from tinylora.tasks.problem import Problem
+from tinylora.tasks.prompts import DEFAULT_SUFFIX
+
+# {question, answer} rows are scored by the "####" rule, so they ask for it; a prompt template is the whole
+# message, so nothing is appended to it
+INSTRUCTION, TEMPLATE_INSTRUCTION = DEFAULT_SUFFIX, ""
 
 
 def template_fields(template: str) -> list[str]:

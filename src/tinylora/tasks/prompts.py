@@ -1,4 +1,5 @@
-"""How a question becomes a prompt: the chat template, the default system prompt and answer instruction."""
+"""How a question becomes a prompt: the chat template, the default system prompt, and the answer-line instruction
+that the tasks scored by the "####" rule append (each task names its own: `tinylora.tasks.instruction`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ DEFAULT_SUFFIX = ("\nShow the calculation in one short line, then give the final
                   "\"#### <number>\".")
 
 
-def chat_prompts(tokenizer, questions: list[str], suffix: str = DEFAULT_SUFFIX,
+def chat_prompts(tokenizer, questions: list[str], suffix: str | None = None,
                  system: str | None = DEFAULT_SYSTEM) -> list[str]:
-    """Questions wrapped in the model's chat template (plain text when it has none)."""
-    out = []
+    """Questions, each followed by `suffix` (a task's answer-format instruction), wrapped in the model's chat
+    template (plain text when it has none)."""
+    suffix, out = suffix or "", []
     for q in questions:
         if tokenizer.chat_template:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",

@@ -26,7 +26,7 @@ from tinylora.atomic import atomic_write_text
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.engine import Engine
 from tinylora.tasks import Problem
-from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM, chat_prompts
+from tinylora.tasks.prompts import DEFAULT_SYSTEM, chat_prompts
 from tinylora.tasks.rewards import REWARDS, is_builtin, load_reward, score
 from tinylora.training import dist
 from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
@@ -79,7 +79,8 @@ class TrainConfig:
         "help": "with --dynamic-sampling: at most this many rounds of B prompts per step"})
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and the random projections P"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N steps"})
-    suffix: str = field(default=DEFAULT_SUFFIX, metadata={"help": "text appended to every question"})
+    suffix: str | None = field(default=None, metadata={
+        "help": "text appended to every question", "default_help": "the task's answer-format instruction"})
     system: str = field(default=DEFAULT_SYSTEM, metadata={"help": "system prompt ('' for none)"})
 
 
