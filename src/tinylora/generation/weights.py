@@ -26,8 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CHOICES = ("auto", "packed", "merged", "hooks", "int8")
-
 
 def int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
@@ -48,6 +46,13 @@ class GenerationWeights:
     label = ""  # for logs
     matches_training = True  # the numbers of the fp32 training forward (up to summation order)
     exact = False  # Merged: the weights are restored bit for bit after each block
+    copies_weights = False  # a copy taken once: stale under a method that trains the base weights
+    cpu_only = False
+
+    @classmethod
+    def make(cls, model: nn.Module, exact: bool = False) -> "GenerationWeights":
+        """An instance for `model` (`exact`: a merge is undone bit for bit)."""
+        return cls()
 
     def generating(self, adapter=None):
         return contextlib.nullcontext(self)
@@ -69,6 +74,10 @@ class Merged(GenerationWeights):
     def __init__(self, exact: bool = False):
         self.exact = exact
 
+    @classmethod
+    def make(cls, model: nn.Module, exact: bool = False) -> "Merged":
+        return cls(exact)
+
     def __str__(self) -> str:
         return "the adapter merged into the weights for each rollout"
 
@@ -86,6 +95,11 @@ class LinearCopies(GenerationWeights):
     """
 
     bytes_per_weight = 4
+    copies_weights = cpu_only = True
+
+    @classmethod
+    def make(cls, model: nn.Module, exact: bool = False) -> "LinearCopies":
+        return cls(model)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -217,6 +231,12 @@ class AdapterHooks(GenerationWeights):
         return "the model's own weights, adapter as hooks (no merge)"
 
 
+# every way to generate, by the name --rollout-weights / --weights take: a new one is a class and a line here
+KINDS: dict[str, type[GenerationWeights]] = {"packed": PackedWeights, "merged": Merged, "hooks": AdapterHooks,
+                                             "int8": Int8Weights}
+CHOICES = ("auto", *KINDS)
+
+
 def for_generation(model: nn.Module, choice: str = "auto", *, trains_base: bool = False,
                    exact: bool = False) -> GenerationWeights:
     """The GenerationWeights `choice` asks for. `trains_base`: the method changes the base weights (full
@@ -235,13 +255,10 @@ def for_generation(model: nn.Module, choice: str = "auto", *, trains_base: bool 
         free = available_memory() if fits else None
         fits = fits and (free is None or linear_bytes(model) <= free / 2)
         choice = "packed" if fits and packed_available() else "merged" if cpu_fp32 or trains_base else "hooks"
-    if choice == "merged":
-        return Merged(exact)
-    if choice == "hooks":
-        return AdapterHooks()
-    if trains_base:
+    kind = KINDS[choice]
+    if kind.copies_weights and trains_base:
         raise ValueError(f"rollout_weights={choice!r} copies the weights once, but full fine-tuning changes them: "
                          "use 'merged'")
-    if weight.device.type != "cpu":
+    if kind.cpu_only and weight.device.type != "cpu":
         raise ValueError(f"rollout_weights={choice!r} is for CPU models; this one is on {weight.device}: use 'hooks'")
-    return PackedWeights(model) if choice == "packed" else Int8Weights(model)
+    return kind.make(model, exact=exact)
