@@ -21,7 +21,8 @@ from tinylora.config import DEFAULT_TARGETS
 from tinylora.tasks import load_task
 from tinylora.tasks.prompts import DEFAULT_SUFFIX, DEFAULT_SYSTEM
 from tinylora.tasks.rewards import strict_reward
-from tinylora.training.trainer import TrainConfig, Trainer
+from tinylora.training.config import TrainConfig
+from tinylora.training.trainer import Trainer
 
 
 def ours(model, tok, problems, args) -> tuple[list[float], list[float], int]:

@@ -11,7 +11,7 @@ held-out problems a run drew, and the draws.
 from __future__ import annotations
 
 from tinylora.api import DataConfig
-from tinylora.training.trainer import TrainConfig, step_problems
+from tinylora.training.config import TrainConfig, step_problems
 
 SETTINGS = [(0, 20), (1, 20), (2, 20), (0, 100)]  # (seed, steps) of the study's runs
 

@@ -12,7 +12,8 @@ from tinylora.generation import weights as cpu_weights
 from tinylora.tasks import Problem
 from tinylora.tasks.rewards import pairwise
 from tinylora.testing import tiny_model_and_tokenizer
-from tinylora.training.trainer import TrainConfig, Trainer, lr_at, step_problems
+from tinylora.training.config import TrainConfig, lr_at, step_problems
+from tinylora.training.trainer import Trainer
 
 PROBLEMS = [Problem(f"t{20 + i} t{40 + i} ?", "0", "t30 t31 <eos>") for i in range(12)]
 

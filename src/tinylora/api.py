@@ -31,7 +31,7 @@ from tinylora.models import DEVICES, DTYPES
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import DEFAULT_SYSTEM
 from tinylora.training import dist
-from tinylora.training.trainer import TrainConfig
+from tinylora.training.config import TrainConfig
 
 __all__ = ["AdapterConfig", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "evaluate", "train"]
 REPORT_TO = ("none", "tensorboard", "wandb")
