@@ -75,7 +75,11 @@ class DataConfig:
     levels: tuple[int, ...] | str = field(default=(1, 2), metadata={"help": "arithmetic difficulty levels 1-3"})
     n: int = field(default=2000, metadata={"help": "training problems"})
     eval_n: int = field(default=200, metadata={
-        "help": "held-out problems evaluated before and after training, the same set for every seed (0: skip)"})
+        "help": "held-out problems evaluated before and after training, the same set for every seed (0: skip); "
+                "with --adapter-column, held-out rows per adapter"})
+    adapter_column: str | None = field(default=None, metadata={
+        "help": "train one adapter per distinct value of this column of --data, each on its own rows, all in one "
+                "batched run, into OUT/adapters.pack (per-user adapters)"})
 
     def __post_init__(self):
         if isinstance(self.levels, str):
@@ -93,6 +97,8 @@ class DataConfig:
                 raise _bad(name, getattr(self, name), "a .jsonl file")
         if self.eval_data and not self.source.endswith(".jsonl"):
             raise _bad("eval_data", self.eval_data, "to come with --data FILE.jsonl")
+        if self.adapter_column is not None and not (self.data or "").endswith(".jsonl"):
+            raise _bad("adapter_column", self.adapter_column, "to come with --data FILE.jsonl")
         if self.prompt_template is not None:
             from tinylora.tasks.jsonl import template_fields
             template_fields(self.prompt_template)
@@ -207,6 +213,9 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     cfg, run = training or TrainConfig(), run or RunConfig()
     if cfg.suffix is None:
         cfg = replace(cfg, suffix=data.instruction())
+    if data.adapter_column is not None:
+        from tinylora.training.per_adapter import train_per_adapter
+        return train_per_adapter(model, data, adapter, cfg, run)
     t_start, out = time.time(), Path(run.out)
     rank, _ = dist.init(resolve_device(model.device).split(":")[0])
     say = print if rank == 0 else (lambda *a, **k: None)

@@ -187,6 +187,12 @@ class AdapterBank:
                 raise ValueError(f"{source}: {f}={getattr(config, f)!r} differs from this bank's "
                                  f"{getattr(self.config, f)!r} (adapters in one bank share U, Σ, V)")
 
+    def stack_of(self, v: torch.Tensor) -> torch.Tensor:
+        """s·R [n_modules, r, r] of v [n_groups, k] under the bank's own config, differentiable in v: how
+        adapters trained together in one batch (training.batched) enter their rows."""
+        P, group_of, _ = _projections(self.config.to_json(), tuple(self.adapter.targets))
+        return mix(v.float()[group_of.to(v.device)], P.to(v.device), self.config.scale)  # [n_modules, r, r]
+
     # ---- rows ---------------------------------------------------------------------------------
     def stack(self, which) -> torch.Tensor:
         """[batch, n_modules, r, r] for a list of names (or indices into `names`; None: the base)."""

@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)  # of each sampled token under the sampling law
     finish_reason: str | None = None  # "stop" (end of sequence or stop token), "length", "error", or the caller's
     generator: torch.Generator | None = None
+    stream: int = 0  # inside `generate`: which seeded stream draws this row's uniforms
 
     @property
     def done(self) -> bool:
@@ -80,7 +81,7 @@ class Engine:
         self.max_batch = max_batch
         self.compact = True  # trim KV columns no row attends to (off inside `generate`: bit-for-bit rollouts)
         self.waiting: collections.deque[list[Sequence]] = collections.deque()  # groups sharing one prefill
-        self.shared: torch.Generator | None = None  # one stream for all rows without their own generator
+        self.shared: list[torch.Generator] | None = None  # inside `generate`: the seeded streams rows draw from
         self._generating = False
         self.reset()
 
@@ -165,16 +166,27 @@ class Engine:
     # ---- the batch API (rollouts, evaluation) ----------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                 seed: int = 0, with_logprobs: bool = True, repeats: int = 1, adapters=None) -> Rollout:
+                 seed: int | list[int] = 0, with_logprobs: bool = True, repeats: int = 1, adapters=None,
+                 streams: list[int] | None = None) -> Rollout:
         """`repeats` completions per prompt, rows ordered prompt by prompt; same seed, same output.
-        `adapters` (bank engines): one name per prompt, None for the base."""
+        `adapters` (bank engines): one name per prompt, None for the base.
+        `streams` (one per prompt) with `seed` a list (one per stream): the rows of each stream draw their
+        uniforms from that stream alone, exactly as a call with only those prompts and that seed would, so
+        several runs share one batch and each samples what it would have sampled alone."""
         if not self.idle:
             raise RuntimeError("generate() needs an idle engine (it is serving rows)")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        streams = [0] * len(prompts) if streams is None else list(streams)
+        if len(streams) != len(prompts) or not all(0 <= k < len(seeds) for k in streams):
+            raise ValueError(f"streams: one index into the {len(seeds)} seeds per prompt, got {streams}")
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature)
         Rs = self.bank.stack(adapters) if adapters is not None else [None] * len(ids)
         groups = [self.add(x, sampling, R=R, n=repeats) for x, R in zip(ids, Rs)]
-        self.shared = torch.Generator(device=self.device).manual_seed(seed)
+        for g, k in zip(groups, streams):
+            for s in g:
+                s.stream = k
+        self.shared = [torch.Generator(device=self.device).manual_seed(x) for x in seeds]
         self.compact, limit, self.max_batch = False, self.max_batch, len(ids) * repeats
         try:
             with self.generating():
@@ -319,7 +331,15 @@ class Engine:
         """One uniform in [0, 1) per running row [n, 1]."""
         n = len(self.running)
         if self.shared is not None and all(s.generator is None for s in self.running):
-            return torch.rand(n, 1, generator=self.shared, device=self.device)
+            if len(self.shared) == 1:
+                return torch.rand(n, 1, generator=self.shared[0], device=self.device)
+            u = torch.empty(n, 1, device=self.device)
+            streams = torch.tensor([s.stream for s in self.running])  # [n]
+            for k, gen in enumerate(self.shared):  # each stream's rows, in order: as if they ran alone
+                rows = (streams == k).nonzero().flatten()
+                if len(rows):
+                    u[rows.to(self.device)] = torch.rand(len(rows), 1, generator=gen, device=self.device)
+            return u
         u = torch.cat([torch.rand(1, generator=s.generator) for s in self.running])  # [n]
         return u[:, None].to(self.device)
 

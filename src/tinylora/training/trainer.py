@@ -33,6 +33,25 @@ from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, trun
 from tinylora.training.logprobs import group_logprobs, sequence_logprobs
 
 
+def sft_batch(tokenizer, problems: list[Problem], suffix: str | None, system: str | None, device):
+    """Prompt + gold solution + EOS, as a Rollout-shaped batch: (ids, attention mask, completion mask, P)."""
+    prompts = chat_prompts(tokenizer, [p.question for p in problems], suffix, system)
+    eos = tokenizer.eos_token or ""
+    texts = [pr + (p.solution or f"#### {p.answer}") + eos for pr, p in zip(prompts, problems)]
+    tokenizer.padding_side = "left"
+    P_enc = tokenizer(prompts, add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # right-align: every row's completion starts after its own prompt; mask prompt tokens out
+    lens = enc.attention_mask.sum(1)  # [N]
+    plen = torch.tensor([len(x) for x in P_enc.input_ids])  # [N]
+    T = enc.input_ids.shape[1]
+    pos = torch.arange(T)[None]  # [1, T]
+    start = T - lens + plen  # [N] first completion position
+    target = (pos >= start[:, None]).long()  # [N, T]
+    P = int(start.min())
+    return enc.input_ids.to(device), enc.attention_mask.to(device), target[:, P:].to(device), P
+
+
 class Trainer:
     def __init__(self, model, tokenizer, adapter, problems: list[Problem], cfg: TrainConfig, out: Path,
                  progress: bool = True, label: str = ""):
@@ -82,23 +101,7 @@ class Trainer:
                                   self.engine.pad)
 
     def sft_batch(self, problems: list[Problem]):
-        """Prompt + gold solution + EOS, as a Rollout-shaped batch."""
-        prompts = chat_prompts(self.tok, [p.question for p in problems], self.cfg.suffix, self.cfg.system or None)
-        eos = self.tok.eos_token or ""
-        texts = [pr + (p.solution or f"#### {p.answer}") + eos for pr, p in zip(prompts, problems)]
-        self.tok.padding_side = "left"
-        P_enc = self.tok(prompts, add_special_tokens=False)
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        # right-align: every row's completion starts after its own prompt; mask prompt tokens out
-        lens = enc.attention_mask.sum(1)  # [N]
-        plen = torch.tensor([len(x) for x in P_enc.input_ids])  # [N]
-        T = enc.input_ids.shape[1]
-        pos = torch.arange(T)[None]  # [1, T]
-        start = T - lens + plen  # [N] first completion position
-        target = (pos >= start[:, None]).long()  # [N, T]
-        P = int(start.min())
-        dev = self.model.device
-        return enc.input_ids.to(dev), enc.attention_mask.to(dev), target[:, P:].to(dev), P
+        return sft_batch(self.tok, problems, self.cfg.suffix, self.cfg.system or None, self.model.device)
 
     def micro_batches(self, rows: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Row indices per forward/backward. GRPO keeps groups whole so their prompt is shared, and
