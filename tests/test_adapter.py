@@ -12,6 +12,42 @@ def _set_v(adapter, seed=0, std=0.3):
         adapter.v.copy_(torch.randn(adapter.v.shape, generator=g) * std)
 
 
+def reference_delta(adapter, config, i) -> torch.Tensor:
+    """ΔW of target i in float64 by the paper's formula U Σ (Σ_k v_k P_k / √u) Vᵀ, from the adapter's factors,
+    projections and v (checked against an independent SVD in test_delta_matches_reference_einsum)."""
+    f = adapter.factors[i]
+    v = adapter.v[adapter.group_of[i]].detach().double()
+    P = config.method_object.projections(config, adapter.targets[i].name).double()
+    R = torch.einsum("k,kij->ij", v, P) / math.sqrt(config.u)
+    return f.U.double() @ torch.diag(f.S.double()) @ R @ f.V.double().T
+
+
+def merged_float64(fresh, adapter, config):
+    """`fresh` (the adapted model's base, rebuilt) in float64 with every reference ΔW added to its weights."""
+    fresh = fresh.double()
+    with torch.no_grad():
+        for i, t in enumerate(adapter.targets):
+            fresh.get_submodule(t.name).weight += reference_delta(adapter, config, i)
+    return fresh
+
+
+def reference_v_grad(fresh, adapter, config, ids, loss) -> torch.Tensor:
+    """dloss/dv by the chain rule through plain torch: the gradient G of each target weight in the merged float64
+    model, then dΔW/dv_k = U Σ P_k Vᵀ / √u, so dloss/dv_k = Σ_targets <G, U Σ P_k Vᵀ> / √u."""
+    merged = merged_float64(fresh, adapter, config)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    weights = [merged.get_submodule(t.name).weight.requires_grad_(True) for t in adapter.targets]
+    loss(merged(ids).logits).backward()
+    grad = torch.zeros(adapter.v.shape, dtype=torch.float64)
+    for i, (t, w) in enumerate(zip(adapter.targets, weights)):
+        f = adapter.factors[i]
+        P = config.method_object.projections(config, t.name).double()
+        M = (f.U.double().T @ w.grad @ f.V.double()) * f.S.double()[:, None]  # [r, r]: <G, U Σ P Vᵀ> = Σ M∘P
+        grad[adapter.group_of[i]] += torch.einsum("ij,kij->k", M, P) / math.sqrt(config.u)
+    return grad
+
+
 def test_starts_exactly_at_base(model, ids):
     base = model(ids).logits
     attach(model, AdapterConfig(u=3, n_tie=2))
@@ -53,34 +89,64 @@ def test_forward_equals_model_with_delta_added(model, ids):
     assert torch.allclose(model(ids).logits, out, atol=1e-5)
 
 
-def test_gradients_reach_v_and_nothing_else(model, ids):
-    adapter = attach(model, AdapterConfig(u=2, n_tie=5))
+def test_gradients_reach_v_and_nothing_else(model, arch, ids):
+    from tinylora.testing import tiny_model
+    config = AdapterConfig(u=2, n_tie=5)
+    adapter = attach(model, config)
     _set_v(adapter, std=0.1)
     model(ids).logits.square().mean().backward()
-    assert adapter.v.grad is not None and (adapter.v.grad.abs().sum(1) > 0).all()  # every group
+    ref = reference_v_grad(tiny_model(arch), adapter, config, ids, lambda logits: logits.square().mean())
+    assert (ref.abs().sum(1) > 0).all()  # every group gets a gradient
+    assert torch.allclose(adapter.v.grad.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert adapter.trainable_parameters() == [adapter.v]
 
 
-@pytest.mark.parametrize("v_dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                                 ("fp16", torch.float16)])
+@pytest.mark.parametrize("v_dtype,torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_v_dtype_is_stored_and_trained_in_that_dtype(v_dtype, torch_dtype, ids):
     from tinylora.testing import tiny_model
+    config = AdapterConfig(u=4, n_tie="all", v_dtype=v_dtype)
     model = tiny_model("qwen2")
-    adapter = attach(model, AdapterConfig(u=4, n_tie="all", v_dtype=v_dtype))
+    adapter = attach(model, config)
     assert adapter.v.shape == (1, 4) and adapter.v.dtype == torch_dtype
     opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
     model(ids).logits.mean().backward()
+    ref = reference_v_grad(tiny_model("qwen2"), adapter, config, ids, lambda logits: logits.mean())
+    assert adapter.v.grad.dtype == torch_dtype
+    assert torch.allclose(adapter.v.grad.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     opt.step()
-    assert adapter.v.dtype == torch_dtype and adapter.v.abs().sum() > 0
+    # AdamW's first step from v = 0 (weight decay multiplies 0): each number moves by -lr g / (|g| + eps) = -lr sign(g)
+    assert adapter.v.dtype == torch_dtype
+    assert torch.allclose(adapter.v.double(), (-1e-2 * ref.sign()).to(torch_dtype).double(), rtol=1e-3)
+
+
+def test_fp16_v_is_refused_for_training_with_the_reason(tmp_path):
+    # AdamW's second moment (0.001 g²) and its eps (1e-8) underflow to 0 in fp16: the first step divides by zero
+    from tinylora.tasks import Problem
+    from tinylora.testing import tiny_model_and_tokenizer
+    from tinylora.training.config import TrainConfig
+    from tinylora.training.trainer import Trainer
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    adapter = attach(model, AdapterConfig(u=4, n_tie="all", v_dtype="fp16"))
+    with pytest.raises(ValueError, match="v_dtype='fp16'.*underflow.*fp32 or bf16"):
+        Trainer(model, tok, adapter, [Problem("q", "1")], TrainConfig(), tmp_path)
 
 
 def test_bf16_model_runs(ids):
     from tinylora.testing import tiny_model
+    config = AdapterConfig(u=1, n_tie=4)
     model = tiny_model("llama", dtype=torch.bfloat16)
-    adapter = attach(model, AdapterConfig(u=1, n_tie=4))
+    adapter = attach(model, config)
     _set_v(adapter)
-    assert model(ids).logits.dtype == torch.bfloat16
+    out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    # the same bf16 weights in float64 with ΔW added by plain torch: equal to bf16 rounding (measured max error
+    # 0.003), while leaving ΔW out is 0.3 off, so the adapter's effect is what is compared
+    plain = tiny_model("llama", dtype=torch.bfloat16)
+    ref = merged_float64(plain, adapter, config)(ids).logits
+    base = tiny_model("llama", dtype=torch.bfloat16).double()(ids).logits
+    assert (base - ref).abs().max() > 0.1
+    assert torch.allclose(out.double(), ref, atol=0.02)
 
 
 def test_lora_xs_trains_full_r_by_r_per_group(ids):
@@ -103,7 +169,18 @@ def test_lora_baseline(ids):
     assert torch.equal(model(ids).logits, base)  # B starts at zero
     assert adapter.num_trainable() == sum(p.numel() for p in adapter.trainable_parameters())
     model(ids).logits.mean().backward()
-    assert all(p.grad is not None for p in adapter.lora_B)
+    # at B = 0: dloss/dB = s · G Aᵀ and dloss/dA = s · Bᵀ G = 0, G the plain model's weight gradient
+    plain = tiny_model("llama").double()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    weights = [plain.get_submodule(t.name).weight.requires_grad_(True) for t in adapter.targets]
+    plain(ids).logits.mean().backward()
+    scale = 1.0  # s = lora_alpha / r, and lora_alpha defaults to r
+    for A, B, w in zip(adapter.lora_A, adapter.lora_B, weights):
+        ref = scale * w.grad @ A.detach().double().T
+        assert ref.abs().max() > 0
+        assert torch.allclose(B.grad.double(), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+        assert A.grad is None or not A.grad.any()
 
 
 def test_full_and_frozen(ids):

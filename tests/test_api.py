@@ -88,7 +88,10 @@ def test_the_same_run_from_the_command_line(peaked_model, tmp_path, capsys):
     assert summary["final_eval"]["n_problems"] == 4  # the last 4 rows, held out
     rows = [json.loads(line) for line in (out / "eval_final.jsonl").read_text().splitlines()]
     assert [r["prompt"].split()[1] for r in rows] == WORDS[-4:]  # "Question: t28 ?"
-    assert all(0 <= r["reward"] <= 1 for r in rows)
+    # every row scored by the user's reward file: 1 when the completion's first word is one of the planted words
+    firsts = [(r["completion"].split() or [None])[0] for r in rows]
+    assert [r["reward"] for r in rows] == [float(w in good) for w in firsts], (firsts, good)
+    assert summary["final_eval"]["accuracy"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -107,7 +110,7 @@ def test_invalid_options_fail_in_one_line_naming_the_option(flags, message, caps
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_a_reward_that_returns_garbage_is_reported(tmp_path):
+def test_a_reward_that_returns_garbage_is_reported(tmp_path, monkeypatch):
     from tinylora.tasks.rewards import load_reward, score
     bad = tmp_path / "bad.py"
     bad.write_text("def short(completions, **kw):\n    return [1.0]\n\ndef nan(completions, **kw):\n"
@@ -118,7 +121,16 @@ def test_a_reward_that_returns_garbage_is_reported(tmp_path):
         score(load_reward(f"{bad}:nan"), ["a"], ["p"], [{}])
     with pytest.raises(ValueError, match="has no function 'other'"):
         load_reward(f"{bad}:other")
-    assert load_reward("tinylora.tasks.rewards:lenient_reward").__name__ == "lenient_reward"  # module:function works
+    # module:function gives that very function, from the library or from any importable module
+    from tinylora.tasks.rewards import lenient_reward
+    assert load_reward("tinylora.tasks.rewards:lenient_reward") is lenient_reward
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "tl_test_rewards_mod.py").write_text(
+        "def length(completions, lang, **kw):\n    return [len(c) + (lang_ == 'x') / 2 for c, lang_ in "
+        "zip(completions, lang)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mod"))
+    assert score(load_reward("tl_test_rewards_mod:length"), ["ab", "abcd"], ["p", "p"],
+                 [{"lang": "x"}, {"lang": "y"}]) == [2.5, 4.0]
 
 
 def test_devices_and_dtypes_resolve_to_what_this_machine_has():

@@ -18,8 +18,10 @@ CONFIG = AdapterConfig(u=2, n_tie=4)  # 4 groups of 2 numbers on the tiny model'
 def reward_file(tmp_path):
     path = tmp_path / "rewards.py"
     # a signal the tiny random model's samples disagree on, so every group teaches something
-    path.write_text("def odd(completions, **kwargs):\n    return [float(sum(map(ord, c)) % 2) for c in completions]\n\n"
-                    "def third(completions, **kwargs):\n    return [float(sum(map(ord, c)) % 3 == 0) for c in completions]\n")
+    path.write_text("def odd(completions, **kwargs):\n"
+                    "    return [float(sum(map(ord, c)) % 2) for c in completions]\n\n"
+                    "def third(completions, **kwargs):\n"
+                    "    return [float(sum(map(ord, c)) % 3 == 0) for c in completions]\n")
     return path
 
 
@@ -51,12 +53,13 @@ def solo_run(member, tmp_path):
     return adapter.v.detach().clone(), seen
 
 
-@pytest.mark.parametrize("algo", ["grpo", "sft"])
-def test_adapters_trained_together_end_where_each_would_alone(tmp_path, reward_file, algo):
+# rollout_rows 8: one adapter's B·G rows per generate call, as many calls as adapters
+@pytest.mark.parametrize("algo,rollout_rows", [("grpo", 512), ("grpo", 8), ("sft", 512)])
+def test_adapters_trained_together_end_where_each_would_alone(tmp_path, reward_file, algo, rollout_rows):
     team = members(reward_file, algo)
     model, tok = tiny_model_and_tokenizer("qwen2")
     bank = AdapterBank(model, config=CONFIG, use_cache=False)
-    batched = BatchedTrainer(model, tok, bank, team, tmp_path / "together", progress=False)
+    batched = BatchedTrainer(model, tok, bank, team, tmp_path / "together", progress=False, rollout_rows=rollout_rows)
     seen, rollout = [], batched.rollout
 
     def recording(step, mine):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from waiting import HANG_GUARD_S, line_count, running, wait_until
 
 from tinylora.cli.main import main
 from tinylora.generation import weights as cpu_weights
@@ -84,7 +85,6 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, tmp_pat
     import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -95,11 +95,10 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: line_count(metrics) >= 1, running(proc), "the first step's metrics line",
+               lambda: proc.stdout.read() if proc.poll() is not None else "")
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=HANG_GUARD_S)[0]
     assert proc.returncode == 0, output
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert summary["stopped_early"] and 0 < summary["steps"] < 40

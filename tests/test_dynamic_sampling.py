@@ -4,11 +4,11 @@ import pytest
 import torch
 from test_train import PROBLEMS, make_trainer, small_cfg
 
-from tinylora.generation.batch import Rollout
+from tinylora.generation.batch import Rollout, concat_rollouts
 from tinylora.tasks import Problem
 from tinylora.tasks.rewards import pairwise
 from tinylora.training import grpo
-from tinylora.training.dynamic_sampling import concat_rollouts, informative_groups, refill_problems, sample_informative
+from tinylora.training.dynamic_sampling import informative_groups, refill_problems, sample_informative
 
 G = 2
 

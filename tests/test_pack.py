@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from waiting import HANG_GUARD_S, running, wait_until
 
 from tinylora import AdapterConfig, attach, load_adapter, read_adapter_file, save_adapter
 from tinylora.cli.main import main
@@ -149,7 +150,6 @@ def test_a_server_over_a_pack_serves_it_pages_it_and_keeps_runtime_loads_across_
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     import socket
-    import time
 
     from test_serve import PROMPTS, alone, make_adapters, model_and_tokenizer
     model, tok = model_and_tokenizer()
@@ -173,25 +173,26 @@ def test_a_server_over_a_pack_serves_it_pages_it_and_keeps_runtime_loads_across_
         proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
+
+        def answers():
             try:
-                if httpx.get(url + "/models").status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                time.sleep(0.2)
+                return httpx.get(url + "/models", timeout=HANG_GUARD_S).status_code == 200
+            except httpx.HTTPError:  # not listening yet
+                return False
+        wait_until(answers, running(proc), "the server answers /v1/models",
+                   lambda: proc.stdout.read() if proc.poll() is not None else "", poll_s=0.2)
+        return proc, url
 
     def complete(url, name):
         return httpx.post(url + "/completions", json={"model": name, "prompt": PROMPTS[1], "max_tokens": 6,
-                                                      "temperature": 0}, timeout=60)
+                                                      "temperature": 0}, timeout=HANG_GUARD_S)
 
     proc, url = start()
     try:
-        first = httpx.get(url + "/models").json()
+        first = httpx.get(url + "/models", timeout=HANG_GUARD_S).json()
         assert first["total"] == 1502 and first["has_more"] and len(first["data"]) == 1001
         assert first["data"][0]["id"] == str(tmp_path / "base") and first["data"][1]["id"] == "clone0000"
-        rest = httpx.get(url + "/models", params={"after": first["data"][-1]["id"]}).json()
+        rest = httpx.get(url + "/models", params={"after": first["data"][-1]["id"]}, timeout=HANG_GUARD_S).json()
         assert len(rest["data"]) == 501 and not rest["has_more"] and rest["data"][-1]["id"] == "user0"
         expected = alone(paths[0], PROMPTS[1], 6)
         assert complete(url, "clone0042").json()["choices"][0]["text"] == expected
@@ -200,10 +201,11 @@ def test_a_server_over_a_pack_serves_it_pages_it_and_keeps_runtime_loads_across_
         assert complete(url, "clone0008").status_code == 200  # the rest still serve
         new_v = (v * -1.5).flatten().tolist()
         r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "late", "adapter": {
-            "config": {"u": 2, "n_tie": 4}, "v": new_v}})
+            "config": {"u": 2, "n_tie": 4}, "v": new_v}}, timeout=HANG_GUARD_S)
         assert r.status_code == 200, r.text
         late = complete(url, "late").json()["choices"][0]["text"]
-        assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": "clone0001"}).status_code == 200
+        assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": "clone0001"},
+                          timeout=HANG_GUARD_S).status_code == 200
     finally:
         proc.kill()  # kill -9: no shutdown, no flush
         proc.wait()

@@ -5,12 +5,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from test_sweep import model_dir, read_csv, sweep_cmd, write_spec  # noqa: F401  (model_dir: a fixture)
+from waiting import HANG_GUARD_S, line_count, running, wait_until
 
 from tinylora.study.results import TIME_COLUMNS
 
@@ -30,11 +30,9 @@ def test_a_sweep_killed_on_one_machine_finishes_on_another_from_the_saved_files(
     proc = subprocess.Popen(sweep_cmd(spec, first / "s"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = first / "s" / "runs" / "n-tie=1" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 8):
-        time.sleep(0.02)
+    wait_until(lambda: line_count(metrics) >= 8, running(proc), "8 metrics lines in runs/n-tie=1")
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG_GUARD_S)
     assert 8 <= len(metrics.read_text().splitlines()) < 12, "the kill was meant to land after the mid-run evaluation"
     docs, kept = tmp_path / "repo" / "docs", tmp_path / "repo" / "progress"
     progress.save(first, docs, kept)

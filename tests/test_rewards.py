@@ -66,12 +66,44 @@ def test_lenient_reward_takes_the_last_number(completion, gold, expected):
     assert lenient_reward(completion, gold) == expected
 
 
-def test_evaluation_scores_strict_and_lenient_side_by_side():
+# (completion, gold, strict verdict, lenient verdict), the verdicts by hand
+SIDE_BY_SIDE = [
+    ("3 + 4 = 7\n#### 7", "7", True, True),
+    ("The answer is 7", "7", False, True),  # no ####
+    ("#### 7 because 3 + 4 makes 8", "7", True, False),  # the last number is 8
+    ("#### 5", "6", False, False),
+    ("so she has 1,234 apples.\n#### 1,234", "1234", True, True),
+    ("seven", "7", False, False),
+    ("it costs $3.50.", "3.5", False, True),
+]
+
+
+def test_evaluation_scores_strict_and_lenient_side_by_side(monkeypatch, tmp_path):
+    import json
+    import re
+    from types import SimpleNamespace
+
+    from scipy.stats import binomtest, norm
+
     from tinylora.evaluation.evaluate import evaluate
+    from tinylora.generation.engine import Engine
     from tinylora.tasks import Problem
     from tinylora.testing import tiny_model_and_tokenizer
     model, tok = tiny_model_and_tokenizer("llama")
-    problems = [Problem("1 + 1 ?", str(i)) for i in range(6)]
-    result = evaluate(model, tok, problems, max_new_tokens=4, progress=False)
-    assert {"accuracy", "ci95", "lenient_accuracy", "lenient_ci95"} <= set(result)
-    assert result["lenient_ci95"][0] <= result["lenient_accuracy"] <= result["lenient_ci95"][1]
+    problems = [Problem(f"q{i} ?", gold) for i, (_, gold, _, _) in enumerate(SIDE_BY_SIDE)]
+
+    def generate(self, prompts, **kwargs):  # the model "answers" question i with completion i
+        return SimpleNamespace(completions=[SIDE_BY_SIDE[int(re.search(r"q(\d+) \?", p)[1])][0] for p in prompts])
+    monkeypatch.setattr(Engine, "generate", generate)
+    result = evaluate(model, tok, problems, max_new_tokens=4, batch_size=3, progress=False,
+                      out_jsonl=tmp_path / "rows.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["completion"], r["correct"], r["lenient_correct"]) for r in rows] == \
+        [(c, strict, lenient) for c, _, strict, lenient in SIDE_BY_SIDE]
+    assert result["accuracy"] == pytest.approx(3 / 7) and result["lenient_accuracy"] == pytest.approx(4 / 7)
+
+    def wilson(k, n):  # scipy's Wilson score interval (no continuity correction) at the level of z = 1.96
+        ci = binomtest(k, n).proportion_ci(confidence_level=2 * norm.cdf(1.96) - 1, method="wilson")
+        return [ci.low, ci.high]
+    assert result["ci95"] == pytest.approx(wilson(3, 7), abs=1e-12)
+    assert result["lenient_ci95"] == pytest.approx(wilson(4, 7), abs=1e-12)

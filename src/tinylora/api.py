@@ -213,6 +213,8 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
     cfg, run = training or TrainConfig(), run or RunConfig()
     if cfg.suffix is None:
         cfg = replace(cfg, suffix=data.instruction())
+    from tinylora.training.trainer import check_v_dtype
+    check_v_dtype(adapter)  # before the model loads
     if data.adapter_column is not None:
         from tinylora.training.per_adapter import train_per_adapter
         return train_per_adapter(model, data, adapter, cfg, run)

@@ -1,4 +1,5 @@
-"""A generated batch as the trainer consumes it (`Rollout`), and the end-of-sequence bookkeeping of its rows."""
+"""A generated batch as the trainer consumes it (`Rollout`, joined by `concat_rollouts`), and the end-of-sequence
+bookkeeping of its rows."""
 
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ class Rollout:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Rollout(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
                        self.prompt_len, self.completions, move(self.logp_rollout))
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One batch from several: prompts left-padded to the longest prompt, completions right-padded."""
+    P = max(r.prompt_len for r in parts)
+    C = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
+    ids, amask, cmask, logps = [], [], [], []
+    for r in parts:
+        left, right = P - r.prompt_len, C - (r.input_ids.shape[1] - r.prompt_len)
+        pad = torch.nn.functional.pad
+        ids.append(pad(r.input_ids, (left, right), value=pad_id))  # [n, P + C]
+        amask.append(pad(r.attention_mask, (left, right), value=0))  # [n, P + C]
+        cmask.append(pad(r.completion_mask, (0, right), value=0))  # [n, C]
+        if r.logp_rollout is not None:
+            logps.append(pad(r.logp_rollout, (0, right), value=0.0))  # [n, C]
+    return Rollout(torch.cat(ids), torch.cat(amask), torch.cat(cmask), P, [c for r in parts for c in r.completions],
+                   torch.cat(logps) if len(logps) == len(parts) else None)
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinylora.atomic import atomic_write_text
+from tinylora.generation.batch import concat_rollouts
 from tinylora.generation.engine import Engine
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import chat_prompts
@@ -35,7 +36,7 @@ from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
 from tinylora.training.config import TrainConfig, lr_at, step_problems, step_seed
 from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
 from tinylora.training.logprobs import group_logprobs, sequence_logprobs
-from tinylora.training.trainer import sft_batch
+from tinylora.training.trainer import check_v_dtype, sft_batch
 
 # settings every adapter of one batched run shares (the batch's shape and the loss); the rest are per adapter
 SHARED_SETTINGS = ("algo", "steps", "batch_prompts", "group_size", "max_new_tokens", "temperature", "micro_batch",
@@ -77,9 +78,14 @@ def check_members(members: list[Member]) -> TrainConfig:
 
 
 class BatchedTrainer:
-    def __init__(self, model, tokenizer, bank, members: list[Member], out: Path, progress: bool = True):
-        """`bank`: an AdapterBank over `model` (its adapter holds the shared factors and hooks; its own v stays 0)."""
+    def __init__(self, model, tokenizer, bank, members: list[Member], out: Path, progress: bool = True,
+                 rollout_rows: int = 512):
+        """`bank`: an AdapterBank over `model` (its adapter holds the shared factors and hooks; its own v stays 0).
+        `rollout_rows`: the most rows one generate call holds (memory: KV cache and logits per row); whole
+        adapters go together, and the samples do not depend on how they are split."""
+        self.rollout_rows = rollout_rows
         self.cfg = check_members(members)
+        check_v_dtype(bank.config)
         if dist.init(next(model.parameters()).device.type)[1] != 1:
             raise ValueError("a batched run runs in one process (launch it without torchrun)")
         self.model, self.tok, self.bank, self.members, self.out = model, tokenizer, bank, members, Path(out)
@@ -102,25 +108,30 @@ class BatchedTrainer:
             self.bank.add(m.name, self.bank.config, v.detach())
 
     def rollout(self, step: int, mine: list[list[Problem]]):
-        """Every adapter's B prompts × G samples in one generate call, each adapter from its own seeded stream:
-        (rollout [N_all, ...], rewards [N_all], member of each row [N_all])."""
+        """Every adapter's B prompts × G samples, each adapter from its own seeded stream, in generate calls of
+        at most `rollout_rows` rows: (rollout [N_all, ...], rewards [N_all], member of each row [N_all])."""
         cfg, G = self.cfg, self.cfg.group_size
-        prompts = [self.prompts(p) for p in mine]
-        owner = [a for a, p in enumerate(prompts) for _ in p]  # [prompts] member of each prompt
         self.publish()
-        ro = self.engine.generate([x for p in prompts for x in p], max_new_tokens=cfg.max_new_tokens, repeats=G,
-                                  temperature=cfg.temperature, streams=owner,
-                                  seed=[step_seed(m.cfg.seed, step, 0) for m in self.members],
-                                  adapters=[self.members[a].name for a in owner])
-        rewards, row = [], 0
-        for a, (probs, prs) in enumerate(zip(mine, prompts)):
-            n = len(probs) * G
-            got = score(self.rewards[a], ro.completions[row:row + n], [x for x in prs for _ in range(G)],
-                        [p.columns for p in probs for _ in range(G)])
-            rewards += [float("nan") if x is None else x for x in got]
-            row += n
-        member = torch.tensor(owner).repeat_interleave(G)  # [N_all]
-        return ro, torch.tensor(rewards), member
+        per_call = max(1, self.rollout_rows // (cfg.batch_prompts * G))  # adapters per generate call
+        parts, rewards = [], []
+        for first in range(0, len(self.members), per_call):
+            team = range(first, min(first + per_call, len(self.members)))
+            prompts = {a: self.prompts(mine[a]) for a in team}
+            owner = [a for a in team for _ in prompts[a]]  # the member of each prompt
+            parts.append(self.engine.generate(
+                [x for a in team for x in prompts[a]], max_new_tokens=cfg.max_new_tokens, repeats=G,
+                temperature=cfg.temperature, streams=[a - first for a in owner],
+                seed=[step_seed(self.members[a].cfg.seed, step, 0) for a in team],
+                adapters=[self.members[a].name for a in owner]))
+            row = 0
+            for a in team:
+                n = len(mine[a]) * G
+                got = score(self.rewards[a], parts[-1].completions[row:row + n],
+                            [x for x in prompts[a] for _ in range(G)], [p.columns for p in mine[a] for _ in range(G)])
+                rewards += [float("nan") if x is None else x for x in got]
+                row += n
+        member = torch.arange(len(self.members)).repeat_interleave(cfg.batch_prompts * G)  # [N_all]
+        return concat_rollouts(parts, self.engine.pad), torch.tensor(rewards), member
 
     def train_step(self, step: int) -> dict:
         cfg, t0 = self.cfg, time.time()
@@ -172,7 +183,8 @@ class BatchedTrainer:
             mb = mb.flatten()  # [n] whole groups
             cols = amask[mb].nonzero()[:, 1]
             first, last = min(int(cols.min()), P - 1), int(cols.max()) + 1
-            R = torch.stack([self.bank.stack_of(v) for v in self.v])[member[mb]]  # [n, M, r, r] with autograd
+            present, slot = member[mb].unique(return_inverse=True)  # the adapters in this micro-batch
+            R = torch.stack([self.bank.stack_of(self.v[a]) for a in present.tolist()])[slot]  # [n, M, r, r]
             with self.bank.adapter.per_row(R[::G]):  # GRPO: one R per prompt; its G rows repeat it
                 logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
             m = cmask[mb, :last - P]  # [n, C']

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from tinylora.generation.batch import Rollout
+from tinylora.generation.batch import Rollout, concat_rollouts
 from tinylora.tasks import Problem
 from tinylora.training.grpo import group_advantages
 
@@ -40,23 +40,6 @@ def take_groups(ro: Rollout, groups: list[int], group_size: int) -> Rollout:
     return Rollout(ro.input_ids[rows.to(ro.input_ids.device)], ro.attention_mask[rows.to(ro.input_ids.device)],
                    ro.completion_mask[rows.to(ro.input_ids.device)], ro.prompt_len,
                    [ro.completions[i] for i in rows.tolist()], lp[rows.to(lp.device)] if lp is not None else None)
-
-
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """One batch from several: prompts left-padded to the longest prompt, completions right-padded."""
-    P = max(r.prompt_len for r in parts)
-    C = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
-    ids, amask, cmask, logps = [], [], [], []
-    for r in parts:
-        left, right = P - r.prompt_len, C - (r.input_ids.shape[1] - r.prompt_len)
-        pad = torch.nn.functional.pad
-        ids.append(pad(r.input_ids, (left, right), value=pad_id))  # [n, P + C]
-        amask.append(pad(r.attention_mask, (left, right), value=0))  # [n, P + C]
-        cmask.append(pad(r.completion_mask, (0, right), value=0))  # [n, C]
-        if r.logp_rollout is not None:
-            logps.append(pad(r.logp_rollout, (0, right), value=0.0))  # [n, C]
-    return Rollout(torch.cat(ids), torch.cat(amask), torch.cat(cmask), P, [c for r in parts for c in r.completions],
-                   torch.cat(logps) if len(logps) == len(parts) else None)
 
 
 def sample_informative(generate: Callable[[int], tuple[list[Problem], Rollout, torch.Tensor]], want: int,

@@ -33,6 +33,14 @@ from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, trun
 from tinylora.training.logprobs import group_logprobs, sequence_logprobs
 
 
+def check_v_dtype(config) -> None:
+    """fp16 v can be stored and served, not trained: AdamW keeps its state in the parameter's dtype, and in fp16
+    its second moment (0.001·g²) and its eps (1e-8) underflow to 0, so the first step divides by zero."""
+    if config.method_object.single_v and config.v_dtype == "fp16":
+        raise ValueError("v_dtype='fp16' cannot be trained: AdamW's second moment and eps underflow to 0 in fp16 "
+                         "(v would become inf); train with fp32 or bf16 (--v-dtype)")
+
+
 def sft_batch(tokenizer, problems: list[Problem], suffix: str | None, system: str | None, device):
     """Prompt + gold solution + EOS, as a Rollout-shaped batch: (ids, attention mask, completion mask, P)."""
     prompts = chat_prompts(tokenizer, [p.question for p in problems], suffix, system)
@@ -72,6 +80,7 @@ class Trainer:
         self.params = adapter.trainable_parameters()
         if not self.params:
             raise ValueError(f"method {adapter.config.method!r} has nothing to train")
+        check_v_dtype(adapter.config)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.progress = progress and self.rank == 0
         # rollouts: a fast weight copy with the adapter as hooks, or the adapter merged in for each rollout
