@@ -10,6 +10,7 @@
     python benchmarks/bench.py serve     # tinylora serve, 32 clients, 1 vs 1,000 adapters vs PEFT set_adapter
     python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device)
     python benchmarks/bench.py pack      # a million adapters in one pack: bytes, start-up, memory, throughput
+    python benchmarks/bench.py batched   # 8 adapters trained in one batched run vs 8 runs one after another
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from adapters import bench_bank, bench_overhead, bench_size
+from batched_training import bench_batched
 from grpo_vs_trl import bench_trl
 from memory import bench_memory
 from pack_scale import bench_pack
@@ -28,7 +30,7 @@ from startup import bench_svd
 
 BENCHES = {"trl": bench_trl, "ceiling": bench_ceiling, "overhead": bench_overhead, "size": bench_size,
            "svd": bench_svd, "bank": bench_bank, "memory": bench_memory, "serve": bench_serve,
-           "engine": bench_engine, "pack": bench_pack}
+           "engine": bench_engine, "pack": bench_pack, "batched": bench_batched}
 
 
 def main() -> None:
@@ -44,7 +46,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48, help="generated tokens per row (serve: at most)")
     p.add_argument("--gen-batch", type=int, default=32, help="rows of the generation timing (overhead)")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--steps", type=int, default=4, help="GRPO steps per trainer (trl)")
+    p.add_argument("--steps", type=int, default=4, help="GRPO steps per trainer (trl, batched)")
+    p.add_argument("--runs", type=int, default=8, help="adapters trained (batched)")
     p.add_argument("--peft-adapters", type=int, default=16, help="PEFT adapters loaded (bank)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (serve)")
     p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (serve)")
