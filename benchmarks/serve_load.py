@@ -201,7 +201,7 @@ def bench_engine(args) -> None:
     for k in range(args.adapters):
         bank.add(f"a{k}", bank.config, torch.randn(n_groups, 1, generator=gen) * 0.05)
     banked = Engine(model, tok, bank=bank, weights="hooks" if device != "cpu" else "auto", max_batch=rows)
-    R = [bank.R[f"a{(i * 7919) % args.adapters}"] for i in range(rows)]
+    R = [bank.get(f"a{(i * 7919) % args.adapters}") for i in range(rows)]
     results["bank: every row the base (R = 0)"] = median_time(lambda: run(banked, lambda i: None), args.reps)
     results["bank: one adapter for every row"] = median_time(lambda: run(banked, lambda i: R[0]), args.reps)
     results[f"bank: a different adapter per row (of {args.adapters:,})"] = \

@@ -2,7 +2,7 @@ import torch
 
 from tinylora import AdapterConfig, attach, save_adapter
 from tinylora.generation.bank import AdapterBank
-from tinylora.testing import tiny_model
+from tinylora.testing import tiny_model, tiny_model_and_tokenizer
 
 CONFIG = AdapterConfig(u=2, n_tie=4)
 
@@ -64,3 +64,37 @@ def test_bank_rejects_mixed_configs_and_bad_ids(tmp_path):
     with pytest.raises(IndexError):
         with bank.rows([0, 1]):
             pass
+
+
+def test_the_bank_holds_each_adapter_as_its_v_and_builds_stacks_on_demand():
+    from tinylora.generation.bank import R_CACHE
+    model, _ = tiny_model_and_tokenizer("llama")
+    config = AdapterConfig(u=1, n_tie=4)
+    bank = AdapterBank(model, config=config)
+    shape = (len(bank.adapter.groups), 1)  # [n_groups, k]
+    g = torch.Generator().manual_seed(0)
+    vs = {f"user{i}": torch.randn(shape, generator=g) * 0.1 for i in range(2000)}
+    for name, v in vs.items():
+        bank.add(name, config, v)
+    v_bytes = 4 * shape[0] * shape[1]
+    # 2,000 v of 16 bytes, in rows grown by doubling (at most 2x), and no stack built yet
+    assert len(bank) == 2000 and 2000 * v_bytes <= bank.nbytes <= 2 * 2000 * v_bytes + 16 * v_bytes
+    stack_bytes = 4 * len(bank.adapter.targets) * config.r * config.r
+    assert stack_bytes > 10 * v_bytes  # what holding stacks would have cost
+    # a stack built from v equals the adapter's own R, module by module
+    R = bank.get("user7")
+    ref = attach(tiny_model_and_tokenizer("llama")[0], config)
+    with torch.no_grad():
+        ref.v.copy_(vs["user7"])
+    torch.testing.assert_close(R, torch.stack([ref.R(i) for i in range(len(ref.targets))]).to(R.dtype))
+    assert bank.nbytes - 2000 * v_bytes <= 2 * 2000 * v_bytes + stack_bytes  # one stack cached now
+    # replace and remove: the next stack follows, the name goes
+    bank.add("user7", config, vs["user8"])
+    torch.testing.assert_close(bank.get("user7"), bank.get("user8"))
+    bank.remove("user7")
+    assert bank.get("user7") is None and "user7" not in bank and len(bank) == 1999
+    bank.add("new", config, vs["user9"])  # reuses the freed row
+    assert len(bank) == 2000 and torch.equal(bank.get("new"), bank.get("user9"))
+    for name in list(vs)[:R_CACHE + 10]:
+        bank.get(name) if name in bank else None
+    assert bank.nbytes <= 2 * 2000 * v_bytes + 16 * v_bytes + R_CACHE * stack_bytes  # the cache is bounded

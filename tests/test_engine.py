@@ -61,7 +61,7 @@ def test_rows_joining_and_leaving_with_distinct_adapters_match_each_alone(tmp_pa
     plan = [(0, 0, 9), (0, 1, 4), (2, 2, 12), (3, 3, 3), (3, 4, 7), (5, 0, 6)]
     schedule = {}
     for t, k, n in plan:
-        R = bank.R[names[k % 5]] if names[k % 5] else None
+        R = bank.get(names[k % 5]) if names[k % 5] else None
         schedule.setdefault(t, []).append((PROMPTS[k % 5], Sampling(max_new_tokens=n, temperature=0), R))
     rows = run_until_idle(engine, schedule)
     for (t, k, n), row in zip(plan, rows):
@@ -102,11 +102,11 @@ def test_a_seeded_row_samples_the_same_alone_and_in_a_crowd(tmp_path):
     bank = AdapterBank(model, paths)
     engine = Engine(model, tok, bank=bank)
     mine = Sampling(max_new_tokens=12, temperature=1.0, seed=42)
-    solo = run_until_idle(engine, {0: [(PROMPTS[0], mine, bank.R["user1"])]})[0].tokens
+    solo = run_until_idle(engine, {0: [(PROMPTS[0], mine, bank.get("user1"))]})[0].tokens
     crowd = {0: [(PROMPTS[1], Sampling(max_new_tokens=5, temperature=1.0, seed=1), None)],
-             1: [(PROMPTS[0], mine, bank.R["user1"]), (PROMPTS[2], Sampling(max_new_tokens=9, seed=2), None)]}
+             1: [(PROMPTS[0], mine, bank.get("user1")), (PROMPTS[2], Sampling(max_new_tokens=9, seed=2), None)]}
     assert run_until_idle(engine, crowd)[1].tokens == solo
-    other = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=12, seed=43), bank.R["user1"])]})
+    other = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=12, seed=43), bank.get("user1"))]})
     assert other[0].tokens != solo
 
 
@@ -180,7 +180,7 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
     plan = [(0, 0, 9), (0, 1, 4), (2, 2, 12), (3, 3, 3), (3, 4, 7)]
     schedule = {}
     for t, k, n in plan:
-        R = bank.R[bank.names[k]] if k < 4 else None
+        R = bank.get(bank.names[k]) if k < 4 else None
         schedule.setdefault(t, []).append((PROMPTS[k], Sampling(max_new_tokens=n, temperature=0), R))
     rows = run_until_idle(engine, schedule)
     same = total = 0
@@ -197,9 +197,9 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
             assert row.tokens == ref, (t, k)
     assert same >= 0.8 * total
     seeded = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
-    a = run_until_idle(engine, {0: [(PROMPTS[0], seeded, bank.R[bank.names[1]])]})[0].tokens
+    a = run_until_idle(engine, {0: [(PROMPTS[0], seeded, bank.get(bank.names[1]))]})[0].tokens
     b = run_until_idle(engine, {0: [(PROMPTS[2], Sampling(max_new_tokens=6, seed=9), None),
-                                    (PROMPTS[0], seeded, bank.R[bank.names[1]])]})[1].tokens
+                                    (PROMPTS[0], seeded, bank.get(bank.names[1]))]})[1].tokens
     if dtype == torch.float32:
         assert a == b
 
@@ -223,8 +223,8 @@ def test_a_row_with_non_finite_logits_fails_alone(tmp_path):
     model, tok = tiny_model_and_tokenizer("llama")
     bank = AdapterBank(model, paths)
     engine = Engine(model, tok, bank=bank)
-    broken = torch.full_like(bank.R["user0"], float("nan"))
+    broken = torch.full_like(bank.get("user0"), float("nan"))
     rows = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=8, temperature=1.0, seed=1), broken),
-                                       (PROMPTS[1], Sampling(max_new_tokens=8, temperature=0), bank.R["user2"])]})
+                                       (PROMPTS[1], Sampling(max_new_tokens=8, temperature=0), bank.get("user2"))]})
     assert rows[0].finish_reason == "error" and rows[0].tokens == []
     assert rows[1].tokens == trimmed(alone(paths[2], PROMPTS[1], max_new_tokens=8, greedy=True), tok.eos_token_id)

@@ -1,18 +1,18 @@
 """Many adapters over one base model, in one batch.
 
 Every tinylora and lora-xs adapter of one base shares the frozen factors U, Σ, V (same rank r, same
-targets); what differs is each module's r×r matrix s·R = s·Σ_i v_i P_i. So an AdapterBank keeps each
-adapter as that stack R [n_modules, r, r] (a few KB) and a batch row only needs its own R: the extra
-cost per row does not depend on how many distinct adapters the batch holds, and adapters with different
-u, n_tie, tying or seed still share a batch.
+targets); what differs is each module's r×r matrix s·R = s·Σ_i v_i P_i. A batch row only needs its own stack
+R [n_modules, r, r], built from the adapter's v and its config's P when the row asks for it: the extra cost
+per row does not depend on how many distinct adapters the batch holds, and adapters with different u, n_tie,
+tying or seed still share a batch. The bank holds each adapter as its v alone (adapters of one config are rows
+of one tensor, `VRows`), and the last `R_CACHE` stacks it built.
 
     bank = AdapterBank(model, ["alice.safetensors", "bob.safetensors"])
     with bank.rows(["bob", "alice", None]):   # None: the base model
         model.generate(...)                    # (or the Engine, which tracks rows as they come and go)
 
-Over a pack (`pack=Pack(...)`) the bank holds no adapter of it in memory: a row's R is built from its v
-(read from the pack, a few dozen bytes) and the pack's shared P when the row joins, and the last
-`PACK_CACHE` of them are kept. A million adapters then cost the pack's page cache, not a million stacks.
+Over a pack (`pack=Pack(...)`) the bank holds no adapter of it in memory: a row's v is read from the pack (a
+few dozen bytes) when the row joins. A million adapters then cost the pack's page cache, not a million stacks.
 """
 
 from __future__ import annotations
@@ -37,7 +37,35 @@ from tinylora.storage.file import check_fingerprint, fingerprint
 SERVABLE = SINGLE_V  # one v over the shared U, Σ, V
 SHARED_FIELDS = ("r", "targets", "svd")  # what fixes U, Σ, V: adapters in one bank agree on these
 MAX_ABS_V = 1e4  # trained v stay far below; larger ones only overflow
-PACK_CACHE = 4096  # R stacks of pack adapters kept after use (~2.7 KB each on the default model)
+R_CACHE = 4096  # R stacks kept after use (~2.7 KB each on the default model): the adapters in recent rows
+
+
+class VRows:
+    """Adapters of one config as rows of one tensor v [capacity, n_groups, k] (their values in float32) and a
+    name → row map: per adapter its v and a dict entry, no tensor object of its own."""
+
+    def __init__(self, config: AdapterConfig, shape: tuple[int, ...]):
+        self.config, self.index, self.free = config, {}, []  # name -> row; rows freed by removals
+        self.v = torch.zeros(0, *shape)
+
+    def put(self, name: str, v: torch.Tensor) -> None:
+        row = self.index.get(name)
+        if row is None:
+            row = self.free.pop() if self.free else len(self.index)
+            if row >= len(self.v):  # grow by doubling: amortised O(1) per adapter
+                self.v = torch.cat([self.v, torch.zeros(max(len(self.v), 16), *self.v.shape[1:])])
+            self.index[name] = row
+        self.v[row] = v
+
+    def get(self, name: str) -> torch.Tensor | None:
+        row = self.index.get(name)
+        return None if row is None else self.v[row]
+
+    def remove(self, name: str) -> bool:
+        row = self.index.pop(name, None)
+        if row is not None:
+            self.free.append(row)
+        return row is not None
 
 
 class AdapterBank:
@@ -56,9 +84,10 @@ class AdapterBank:
         self.fingerprint = fingerprint(self.adapter)
         self.strict, self.max_file_bytes = strict, max_file_bytes
         self._targets = [t.name for t in self.adapter.targets]
-        self.R: dict[str, torch.Tensor] = {}  # name -> [n_modules, r, r], on the model's device
+        self.held: dict[str, VRows] = {}  # config JSON -> the adapters of that config held in memory
         self.lock = threading.Lock()  # loads and unloads (server threads) against listing and lookups
-        self.pack, self._cached = pack, OrderedDict()  # pack adapters' R, most recently used last
+        self.pack, self._cached = pack, OrderedDict()  # name -> R stack, most recently used last
+        self._changes = 0  # adds and removes so far: a stack built across one is not cached
         if pack is not None:
             check_fingerprint(pack.fingerprint, self.fingerprint, str(pack.path), strict)
             self._check_shared(pack.config, str(pack.path))
@@ -66,16 +95,31 @@ class AdapterBank:
             self.load(p)
 
     def __len__(self) -> int:
-        return len(self.R) + (len(self.pack) if self.pack is not None else 0)
+        return sum(len(h.index) for h in self.held.values()) + (len(self.pack) if self.pack is not None else 0)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.R or (self.pack is not None and name in self.pack)
+        return self._held_v(name) is not None or (self.pack is not None and name in self.pack)
 
     @property
     def names(self) -> list[str]:
-        """The adapters held in memory (files, runtime loads); a pack's are listed by `page`."""
+        """The adapters held in memory (files, runtime loads), sorted; a pack's are listed by `page`."""
         with self.lock:
-            return list(self.R)
+            return sorted(name for h in self.held.values() for name in h.index)
+
+    def _held_v(self, name: str) -> tuple[AdapterConfig, torch.Tensor] | None:
+        with self.lock:
+            for h in self.held.values():
+                v = h.get(name)
+                if v is not None:
+                    return h.config, v.clone()  # a replace may rewrite the row while a stack is built
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the bank holds for its adapters: every held v (with the rows grown ahead) and the cached stacks."""
+        with self.lock:
+            held = sum(h.v.numel() * h.v.element_size() for h in self.held.values())
+            return held + sum(R.numel() * R.element_size() for R in self._cached.values())
 
     def page(self, after: str = "", limit: int = 1000) -> list[str]:
         """Names in memory, then up to `limit` of the pack's in sorted order after `after`."""
@@ -84,22 +128,28 @@ class AdapterBank:
 
     def get(self, name: str) -> torch.Tensor | None:
         """The R stack of adapter `name`, or None; a damaged pack entry raises ValueError naming it."""
-        R = self.R.get(name)
-        if R is not None or self.pack is None:
-            return R
         with self.lock:
             R = self._cached.get(name)
             if R is not None:
                 self._cached.move_to_end(name)
                 return R
-        try:
-            v = self.pack.get(name)
-        except KeyError:
+            changes = self._changes
+        held = self._held_v(name)
+        if held is not None:
+            R = self._stack(*held)
+        elif self.pack is None:
             return None
-        R = self.R_of(self.pack.config, v, source=f"{self.pack.path}::{name}")
+        else:
+            try:
+                v = self.pack.get(name)
+            except KeyError:
+                return None
+            R = self.R_of(self.pack.config, v, source=f"{self.pack.path}::{name}")
         with self.lock:
+            if changes != self._changes:  # replaced or removed meanwhile: serve this row, keep nothing
+                return R
             self._cached[name] = R
-            while len(self._cached) > PACK_CACHE:
+            while len(self._cached) > R_CACHE:
                 self._cached.popitem(last=False)
         return R
 
@@ -109,6 +159,7 @@ class AdapterBank:
 
     def _forget(self, name: str) -> None:
         with self.lock:
+            self._changes += 1
             self._cached.pop(name, None)
 
     @property
@@ -135,20 +186,26 @@ class AdapterBank:
         R = self.R_of(config, v, source=source)
         if self._fits_pack(config, fingerprint):
             self.pack.put({name: torch.as_tensor(v, dtype=torch.float32).to(self.pack.dtype)})
-            self._forget(name)
             with self.lock:
-                self.R.pop(name, None)
+                for h in self.held.values():
+                    h.remove(name)
         else:
+            v = _as_stored(config, torch.as_tensor(v, dtype=torch.float32))
             with self.lock:
-                self.R[name] = R
+                for key, h in self.held.items():  # one name, one adapter: drop one of another config
+                    if key != config.to_json():
+                        h.remove(name)
+                self.held.setdefault(config.to_json(), VRows(config, tuple(v.shape))).put(name, v)
+        self._forget(name)
         return R
 
     def remove(self, name: str) -> None:
         """Remove an adapter (from the pack too, durably, if it lives there)."""
         with self.lock:
-            if name in self.R:
-                del self.R[name]
-                return
+            removed = any([h.remove(name) for h in self.held.values()])
+        if removed:
+            self._forget(name)
+            return
         if self.pack is None or name not in self.pack:
             raise KeyError(name)
         self.pack.remove([name])
@@ -173,11 +230,12 @@ class AdapterBank:
         if v.abs().max() > MAX_ABS_V:
             raise ValueError(f"{source}: |v| reaches {v.abs().max():.3g}; values beyond {MAX_ABS_V:g} are refused "
                              "(they would overflow the activations)")
+        return self._stack(config, _as_stored(config, v))
+
+    def _stack(self, config: AdapterConfig, v: torch.Tensor) -> torch.Tensor:
+        """s·R [n_modules, r, r] on the model's device from a checked v [n_groups, k]."""
         P, group_of, _ = _projections(config.to_json(), tuple(self.adapter.targets))
-        v = v.to(torch.bfloat16 if config.v_dtype == "bf16" else torch.float16 if config.v_dtype == "fp16"
-                 else torch.float32).float()  # the values the adapter itself would hold
-        R = mix(v[group_of], P, config.scale)  # [n_modules, r, r]
-        return R.to(self.device)
+        return mix(v[group_of], P, config.scale).to(self.device)  # [n_modules, r, r]
 
     def _check_shared(self, config: AdapterConfig, source: str) -> None:
         if config.method not in SERVABLE:
@@ -209,7 +267,7 @@ class AdapterBank:
             else:
                 if not 0 <= int(w) < len(names):
                     raise IndexError(f"adapter ids must lie in [0, {len(names)}), got {w}")
-                out.append(self.R[names[int(w)]])
+                out.append(self.get(names[int(w)]))
         return torch.stack(out) if out else self.zeros()[None][:0]
 
     def zeros(self) -> torch.Tensor:
@@ -220,6 +278,12 @@ class AdapterBank:
     def rows(self, which):
         """Within this block every forward (HF `generate` included) runs row b with adapter which[b]."""
         return self.adapter.per_row(self.stack(which))
+
+
+def _as_stored(config: AdapterConfig, v: torch.Tensor) -> torch.Tensor:
+    """v rounded to the config's v dtype, in float32: the values the adapter itself would hold."""
+    dtype = torch.bfloat16 if config.v_dtype == "bf16" else torch.float16 if config.v_dtype == "fp16" else torch.float32
+    return v.to(dtype).float()
 
 
 @functools.lru_cache(maxsize=16)
