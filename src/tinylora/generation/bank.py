@@ -245,11 +245,17 @@ class AdapterBank:
                 raise ValueError(f"{source}: {f}={getattr(config, f)!r} differs from this bank's "
                                  f"{getattr(self.config, f)!r} (adapters in one bank share U, Σ, V)")
 
-    def stack_of(self, v: torch.Tensor) -> torch.Tensor:
-        """s·R [n_modules, r, r] of v [n_groups, k] under the bank's own config, differentiable in v: how
-        adapters trained together in one batch (training.batched) enter their rows."""
-        P, group_of, _ = _projections(self.config.to_json(), tuple(self.adapter.targets))
-        return mix(v.float()[group_of.to(v.device)], P.to(v.device), self.config.scale)  # [n_modules, r, r]
+    def v_shape(self, config: AdapterConfig) -> tuple[int, int]:
+        """[n_groups, k] of an adapter of `config` over this bank's targets (checked to fit the bank)."""
+        self._check_shared(config, "adapter")
+        return len(config.method_object.groups(self.adapter.targets, config)), config.numbers_per_group
+
+    def stack_of(self, v: torch.Tensor, config: AdapterConfig | None = None) -> torch.Tensor:
+        """s·R [n_modules, r, r] of v [n_groups, k] under `config` (default: the bank's), differentiable in v:
+        how adapters trained together in one batch (training.batched) enter their rows."""
+        config = config or self.config
+        P, group_of, _ = _projections(config.to_json(), tuple(self.adapter.targets))
+        return mix(v.float()[group_of.to(v.device)], P.to(v.device), config.scale)  # [n_modules, r, r]
 
     # ---- rows ---------------------------------------------------------------------------------
     def stack(self, which) -> torch.Tensor:

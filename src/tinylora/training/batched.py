@@ -26,8 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinylora.atomic import atomic_write_text
+from tinylora.config import AdapterConfig
 from tinylora.generation.batch import concat_rollouts
 from tinylora.generation.engine import Engine
+from tinylora.models import DTYPES
 from tinylora.tasks import Problem
 from tinylora.tasks.prompts import chat_prompts
 from tinylora.tasks.rewards import load_reward, score
@@ -47,10 +49,12 @@ PER_ADAPTER_SETTINGS = ("seed", "lr", "schedule", "warmup", "weight_decay", "gra
 
 @dataclass
 class Member:
-    """One adapter of a batched run: its name, its training problems and its settings."""
+    """One adapter of a batched run: its name, its training problems, its settings and its adapter config
+    (None: the bank's; another may differ in u, n_tie, tying, seed or v dtype, not in r, targets or svd)."""
     name: str
     problems: list[Problem]
     cfg: TrainConfig
+    adapter: AdapterConfig | None = None
 
 
 def check_members(members: list[Member]) -> TrainConfig:
@@ -85,13 +89,16 @@ class BatchedTrainer:
         adapters go together, and the samples do not depend on how they are split."""
         self.rollout_rows = rollout_rows
         self.cfg = check_members(members)
-        check_v_dtype(bank.config)
+        self.configs = [m.adapter or bank.config for m in members]
+        for c in self.configs:
+            check_v_dtype(c)
         if dist.init(next(model.parameters()).device.type)[1] != 1:
             raise ValueError("a batched run runs in one process (launch it without torchrun)")
         self.model, self.tok, self.bank, self.members, self.out = model, tokenizer, bank, members, Path(out)
         self.progress = progress
-        template = bank.adapter.v  # [n_groups, k]: its shape and dtype
-        self.v = [nn.Parameter(torch.zeros_like(template)) for _ in members]  # [n_groups, k] each, zero at start
+        # [n_groups, k] each, zero at start, in its config's v dtype
+        self.v = [nn.Parameter(torch.zeros(bank.v_shape(c), dtype=DTYPES[c.v_dtype], device=bank.device))
+                  for c in self.configs]
         self.opt = torch.optim.AdamW([{"params": [v], "lr": m.cfg.lr, "weight_decay": m.cfg.weight_decay}
                                       for v, m in zip(self.v, members)], betas=(0.9, 0.999))
         self.rewards = [load_reward(m.cfg.reward) for m in members]
@@ -104,8 +111,8 @@ class BatchedTrainer:
 
     def publish(self) -> None:
         """Put every adapter's current v into the bank, where generation reads it."""
-        for m, v in zip(self.members, self.v):
-            self.bank.add(m.name, self.bank.config, v.detach())
+        for m, c, v in zip(self.members, self.configs, self.v):
+            self.bank.add(m.name, c, v.detach())
 
     def rollout(self, step: int, mine: list[list[Problem]]):
         """Every adapter's B prompts × G samples, each adapter from its own seeded stream, in generate calls of
@@ -184,7 +191,7 @@ class BatchedTrainer:
             cols = amask[mb].nonzero()[:, 1]
             first, last = min(int(cols.min()), P - 1), int(cols.max()) + 1
             present, slot = member[mb].unique(return_inverse=True)  # the adapters in this micro-batch
-            R = torch.stack([self.bank.stack_of(self.v[a]) for a in present.tolist()])[slot]  # [n, M, r, r]
+            R = torch.stack([self.bank.stack_of(self.v[a], self.configs[a]) for a in present.tolist()])[slot]
             with self.bank.adapter.per_row(R[::G]):  # GRPO: one R per prompt; its G rows repeat it
                 logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
             m = cmask[mb, :last - P]  # [n, C']
