@@ -226,3 +226,74 @@ def test_training_child_takes_sigint_even_when_the_sweep_was_started_ignoring_it
         signal.signal(signal.SIGINT, old)
     assert ignored_without.strip() == "True"  # the probe does see an inherited ignore
     assert out.strip() == "False"
+
+
+@pytest.mark.slow
+def test_a_batched_sweep_trains_runs_together_and_each_ends_as_it_would_alone(tmp_path, model_dir, capsys):
+    reward = tmp_path / "r.py"
+    reward.write_text("def odd(completions, **kwargs):\n"
+                      "    return [float(sum(map(ord, c)) % 2) for c in completions]\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+[shared]
+model = "{model_dir}"
+steps = 3
+eval-n = 4
+n = 10
+batch-prompts = 2
+max-new-tokens = 6
+u = 2
+reward = "{reward}:odd"
+
+[[run]]
+seed = [0, 1]
+n-tie = ["all", 4]
+
+[[run]]
+algo = "sft"
+lr = [0.01, 0.03]
+
+[[run]]
+name = "alone"
+dynamic-sampling = true
+""")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "b"), "--batched", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "4 runs trained together: seed=0,n-tie=all" in said and "2 runs trained together" in said
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    batched, solo = read_csv(tmp_path / "b" / "results.csv"), read_csv(tmp_path / "s" / "results.csv")
+    assert [r["name"] for r in batched] == [r["name"] for r in solo] and len(batched) == 7
+    moved = 0
+    for b, s in zip(batched, solo):
+        assert b["status"] == s["status"] == "done", (b["error"], s["error"])
+        vb = load_file(tmp_path / "b" / "runs" / b["name"] / "adapter.safetensors")["v"]
+        vs = load_file(tmp_path / "s" / "runs" / s["name"] / "adapter.safetensors")["v"]
+        torch_close(vb, vs)
+        moved += int(vs.abs().max() > 0)
+        for k in ("trainable_params", "adapter_bytes", "base_acc", "final_acc", "train_reward_start", "rollouts"):
+            assert b[k] == s[k], (b["name"], k, b[k], s[k])
+    assert moved >= 5  # the comparison is of trained numbers, not of zeros
+    summary = json.loads((tmp_path / "b" / "runs" / "seed=1,n-tie=4" / "summary.json").read_text())
+    assert len(summary["batched_with"]) == 4
+
+
+def torch_close(a, b):
+    import torch
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_batched_groups_join_runs_that_differ_only_in_per_adapter_settings(tmp_path):
+    from tinylora.study.batched import groups
+    spec = tmp_path / "s.toml"
+    spec.write_text('[shared]\nsteps = 5\n[[run]]\nseed = [0, 1]\nlr = [0.01, 0.03]\n'
+                    '[[run]]\nname = "long"\nsteps = 9\nseed = [0, 1]\n'
+                    '[[run]]\nname = "ds"\ndynamic-sampling = true\n'
+                    '[[run]]\nname = "curve"\neval-every = 2\n'
+                    '[[run]]\nname = "lora"\nmethod = "lora"\n'
+                    '[[run]]\nname = "tie"\nn-tie = ["all", 1]\nv-dtype = "bf16"\n')
+    got = [[r.name for r in g] for g in groups(load_spec(spec))]
+    # steps differ: another batch; dynamic sampling, a learning curve and LoRA train alone
+    assert got == [["steps=5,seed=0,lr=0.01", "steps=5,seed=0,lr=0.03", "steps=5,seed=1,lr=0.01",
+                    "steps=5,seed=1,lr=0.03", "tie,steps=5,n-tie=all,v-dtype=bf16", "tie,steps=5,n-tie=1,v-dtype=bf16"],
+                   ["long,steps=9,seed=0", "long,steps=9,seed=1"], ["ds,steps=5,dynamic-sampling=True"],
+                   ["curve,steps=5,eval-every=2"], ["lora,steps=5,method=lora"]]

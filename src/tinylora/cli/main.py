@@ -25,7 +25,8 @@ def cmd_train(args) -> None:
 
 def cmd_sweep(args) -> int:
     from tinylora.study.sweep import run_sweep
-    rows = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run, only=args.only)
+    rows = run_sweep(args.spec, args.out, progress=not args.no_progress, dry_run=args.dry_run, only=args.only,
+                     batched=args.batched)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -146,6 +147,9 @@ def _add_sweep(sub) -> None:
                    "e.g. 'algo=grpo,lr=1e-06') the regular expression finds, e.g. '^algo=grpo,'; "
                    "the others stay as they are")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    p.add_argument("--batched", action="store_true", help="train together, in one process and batch, the runs "
+                   "that differ only in seed, rate, schedule, clip, weight decay, reward, u, n-tie, tie or v-dtype "
+                   "(each ends where it would alone; --dry-run shows the groups)")
     p.set_defaults(func=cmd_sweep)
 
 

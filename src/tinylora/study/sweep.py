@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from tinylora.atomic import atomic_write_text
 from tinylora.methods import method_of
+from tinylora.study.batched import groups as batch_groups
 from tinylora.study.results import RESULT_COLUMNS, read_results, result_row, write_results
 from tinylora.study.spec import Run, TrainParser, load_spec
 
@@ -85,8 +87,23 @@ def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, s
     cmd = [sys.executable, "-m", "tinylora", "train", *run.argv, "--out", str(run_dir), "--resume"]
     if not progress:
         cmd.append("--no-progress")
+    return _child(cmd, run_dir / "train.log", label)
+
+
+def run_group(group: list[Run], out: Path, label: str, progress: bool) -> tuple[int, str]:
+    """Train a group of runs together (study.batched), each into its own folder; (exit code, last error)."""
+    names = [r.name for r in group]
+    d = out / "batches" / hashlib.sha256("\0".join(names).encode()).hexdigest()[:12]
+    d.mkdir(parents=True, exist_ok=True)
+    plan = {"dir": str(d), "runs": [{"name": r.name, "argv": r.argv, "dir": str(out / "runs" / r.name)} for r in group]}
+    atomic_write_text(d / "plan.json", json.dumps(plan, indent=1))
+    cmd = [sys.executable, "-m", "tinylora.study.batched", str(d / "plan.json")] + (["--progress"] if progress else [])
+    return _child(cmd, d / "train.log", label)
+
+
+def _child(cmd: list[str], log_path: Path, label: str) -> tuple[int, str]:
     env = {**os.environ, "TINYLORA_PROGRESS_LABEL": label}
-    with open(run_dir / "train.log", "ab") as log:
+    with open(log_path, "ab") as log:
         # its own session: a terminal's Ctrl-C reaches only the sweep, which passes it on once
         parent = os.getpid()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
@@ -145,9 +162,10 @@ def _duration(seconds: float) -> str:
 
 # ---- the sweep -----------------------------------------------------------------------------------
 def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_run: bool = False,
-              only: str | None = None) -> list[dict]:
+              only: str | None = None, batched: bool = False) -> list[dict]:
     """Run every run of `spec` not yet finished under `out` (with `only`: those whose name the regular
-    expression matches; the rest are left as they are); return the rows of results.csv."""
+    expression matches; the rest are left as they are); return the rows of results.csv. `batched`: runs that
+    differ only in per-adapter settings train together (study.batched)."""
     from tinylora.study.plots import plot_sweep
     runs = load_spec(spec)
     out = Path(out)
@@ -161,9 +179,11 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     # options as written; algo, method and steps get their own (resolved) result columns
     option_keys = [k for k in dict.fromkeys(k for r in runs for k in r.options) if k not in RESULT_COLUMNS]
     if dry_run:
-        for r in runs:
-            if r.name in chosen:
+        for group in (batch_groups if batched else lambda rs: [[r] for r in rs])([r for r in runs if r.name in chosen]):
+            for r in group:
                 print(f"{r.name}: tinylora train {' '.join(r.argv)}")
+            if len(group) > 1:
+                print(f"  (the {len(group)} runs above train together)")
         return []
     (out / "runs").mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")
@@ -196,31 +216,40 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
     finished = sum(row["status"] == "done" for row in rows.values())
     later = f", {len(runs) - finished - len(todo)} left for later (--only)" if only is not None else ""
     say(f"sweep {spec}: {len(runs)} runs, {finished} finished, {len(todo)} to run{later} (out: {out})")
-    durations: list[float] = []
+    durations: list[float] = []  # per run
     _stop.clear()
-    for i, r in enumerate(todo):
+    started = 0
+    for group in batch_groups(todo) if batched else [[r] for r in todo]:
         if _stop.is_set():
             break
-        done = finished + i
-        eta = f" ETA {_duration(sum(durations) / len(durations) * (len(todo) - i))}" if durations else ""
-        label = f"[{done + 1}/{len(runs)}{eta}] "
-        say(f"{label}{r.name}")
-        d = out / "runs" / r.name
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / "run.json", json.dumps({"name": r.name, "options": r.options, "argv": r.argv}, indent=1))
-        _share_base_eval(r, d, runs, out)
+        eta = f" ETA {_duration(sum(durations) / len(durations) * (len(todo) - started))}" if durations else ""
+        label = f"[{finished + started + 1}/{len(runs)}{eta}] "
+        started += len(group)
+        for r in group:
+            d = out / "runs" / r.name
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(d / "run.json", json.dumps({"name": r.name, "options": r.options, "argv": r.argv},
+                                                         indent=1))
+            _share_base_eval(r, d, runs, out)
         t0 = time.time()
-        rc, err = run_one(r, d, label, progress)
-        if is_done(r, d):
-            durations.append(time.time() - t0)
-            (d / "checkpoint.safetensors").unlink(missing_ok=True)  # only for resuming: GBs in full fine-tuning
-            rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys, d)
-            say(f"{label}{r.name}: done, {_accuracies(rows[r.name])}")
-        elif _stop.is_set():
-            say(f"{label}{r.name}: interrupted; rerun the same command to continue from its checkpoint")
+        if len(group) == 1:
+            say(f"{label}{group[0].name}")
+            rc, err = run_one(group[0], out / "runs" / group[0].name, label, progress)
         else:
-            rows[r.name] = result_row(r, "failed", err or f"exit code {rc}", summary_of(d), option_keys, d)
-            say(f"{label}{r.name}: FAILED: {rows[r.name]['error']}")
+            say(f"{label}{len(group)} runs trained together: {', '.join(r.name for r in group)}")
+            rc, err = run_group(group, out, label, progress)
+        for r in group:
+            d = out / "runs" / r.name
+            if is_done(r, d):
+                durations.append((time.time() - t0) / len(group))
+                (d / "checkpoint.safetensors").unlink(missing_ok=True)  # only for resuming: GBs in full fine-tuning
+                rows[r.name] = result_row(r, "done", "", summary_of(d), option_keys, d)
+                say(f"{label}{r.name}: done, {_accuracies(rows[r.name])}")
+            elif _stop.is_set():
+                say(f"{label}{r.name}: interrupted; rerun the same command to continue from its checkpoint")
+            else:
+                rows[r.name] = result_row(r, "failed", err or f"exit code {rc}", summary_of(d), option_keys, d)
+                say(f"{label}{r.name}: FAILED: {rows[r.name]['error']}")
         ordered = [rows[x.name] for x in runs]
         write_results(results_path, ordered, option_keys)
         plot_sweep(ordered, out / "accuracy_vs_params.png")

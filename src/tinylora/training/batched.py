@@ -230,6 +230,15 @@ class BatchedTrainer:
         G = self.cfg.group_size
         return group_logprobs(self.model, ids[::G, :P], amask[::G, :P], ids[:, P:], amask[:, P:], T)
 
+    def attach_member(self, k: int):
+        """Adapter k as an ordinary Adapter on the model (once the bank's own is detached): its file and its
+        evaluations then go exactly as a run of it alone would have them."""
+        from tinylora.adapter import attach
+        adapter = attach(self.model, self.configs[k], progress=False)
+        with torch.no_grad():
+            adapter.v.copy_(self.v[k])
+        return adapter
+
     # ---- the loop ---------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {m.name: v.detach() for m, v in zip(self.members, self.v)}
