@@ -8,9 +8,11 @@ running batch between decode steps (continuous batching):
     engine.step()                           # admit waiting rows, pick one token for every row, retire
                                             # finished ones; returns the rows that got a token
 
-Joining pads the shorter KV cache on the left (positions follow each row's own mask, so padding
-changes nothing but memory); leaving selects the remaining rows and, for long-lived batches, trims
-columns that no row attends to any more. Sampling draws exactly from softmax(logits / T) (optionally
+The running batch's KV cache lives in buffers allocated ahead (`kv.in_slots`): a decode step writes one
+column in place, so its cost is the attention's own, not a copy of the whole cache. Joining rows are
+written right-aligned into free rows (positions follow each row's own mask, so padding changes nothing but
+memory); leaving compacts the rows and, for long-lived batches, trims columns that no row attends to any
+more: only joins and departures copy. Sampling draws exactly from softmax(logits / T) (optionally
 top-p), by inverse CDF from one uniform per row: from one seeded stream for a whole `generate` call
 (rollouts), or from each row's own seeded generator (server requests), so a request's tokens do not
 depend on its neighbours. Backends that generate elsewhere (vLLM fed the exact LoRA export) would
@@ -29,7 +31,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, completion_mask, eos_ids
-from tinylora.generation.kv import cache_layers, pad_left, prefill, with_cache
+from tinylora.generation.kv import in_slots, join_rows, pad_left, prefill, shift_columns, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
 
 
@@ -244,6 +246,7 @@ class Engine:
         if not self.running:
             self.running = new
             self.cache, self.mask, self.next_pos, self.logits, self.row_R = state
+            self.cache = in_slots(self.cache)
         else:
             self._join(new, *state)
 
@@ -255,11 +258,9 @@ class Engine:
             pad_left(cache, gap)
             mask = F.pad(mask, (gap, 0))
         elif gap < 0:
-            pad_left(self.cache, -gap)
+            shift_columns(self.cache, -gap)
             self.mask = F.pad(self.mask, (-gap, 0))
-        for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache)):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
+        join_rows(self.cache, cache)
         self.mask = torch.cat([self.mask, mask])
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.logits = torch.cat([self.logits, logits])
@@ -291,8 +292,7 @@ class Engine:
             return
         first = int(self.mask.any(dim=0).int().argmax())  # first column some row attends to
         if first > 0:
-            for layer in cache_layers(self.cache):
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            shift_columns(self.cache, -first)
             self.mask = self.mask[:, first:]
 
     def _decode(self, tok: torch.Tensor) -> None:
