@@ -11,6 +11,7 @@
     python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device)
     python benchmarks/bench.py pack      # a million adapters in one pack: bytes, start-up, memory, throughput
     python benchmarks/bench.py batched   # 8 adapters trained in one batched run vs 8 runs one after another
+    python benchmarks/bench.py long      # decode step time against context length: engine KV buffers vs DynamicCache
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
@@ -22,6 +23,7 @@ import argparse
 from adapters import bench_bank, bench_overhead, bench_size
 from batched_training import bench_batched
 from grpo_vs_trl import bench_trl
+from long_context import bench_long
 from memory import bench_memory
 from pack_scale import bench_pack
 from rollout_speed import bench_ceiling
@@ -30,7 +32,8 @@ from startup import bench_svd
 
 BENCHES = {"trl": bench_trl, "ceiling": bench_ceiling, "overhead": bench_overhead, "size": bench_size,
            "svd": bench_svd, "bank": bench_bank, "memory": bench_memory, "serve": bench_serve,
-           "engine": bench_engine, "pack": bench_pack, "batched": bench_batched}
+           "engine": bench_engine, "pack": bench_pack, "batched": bench_batched,
+           "long": bench_long}
 
 
 def main() -> None:
