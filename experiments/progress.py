@@ -5,7 +5,8 @@
 
 `save` copies each OUT/NAME/results.csv to docs/reproduction/NAME.csv (as report.py does) and the few
 small files a run cut off mid-way resumes from (checkpoint, metrics, base evaluation, time spent; before
-its first step, the base evaluation alone) to experiments/progress/NAME/RUN/; `restore` puts both back.
+its first step, the base evaluation alone) to experiments/progress/NAME/RUN/, and those of a group of runs
+trained together (`sweep --batched`) to experiments/progress/NAME/_batches/GROUP/; `restore` puts them back.
 A sweep counts a results.csv row marked done as finished even when its folder is gone, so finished runs
 are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
 fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"
 KEPT = REPO / "experiments" / "progress"
 RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "time_spent.json")
+GROUP_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a batched group's (its plan is rewritten by the sweep)
+BATCHES = "_batches"  # experiments/progress/SWEEP/_batches/GROUP: no run of a spec is named so
 MAX_CHECKPOINT = 1 << 20
 
 
@@ -60,6 +63,21 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
             shutil.copyfile(run_dir / f, kept / f)
         if copied:
             changed.append(f"{name}/{run_dir.name} in flight")
+    for group in sorted(out.glob("*/batches/*/")):  # `sweep --batched`: a group's checkpoint until it is done
+        name = group.parent.parent.name
+        kept = kept_root / name / BATCHES / group.name
+        ckpt = group / "checkpoint.safetensors"
+        if not ckpt.is_file() or ckpt.stat().st_size > MAX_CHECKPOINT:
+            if kept.exists():
+                shutil.rmtree(kept)
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        copied = [f for f in GROUP_FILES if (group / f).is_file() and (
+            not (kept / f).is_file() or (kept / f).read_bytes() != (group / f).read_bytes())]
+        for f in copied:
+            shutil.copyfile(group / f, kept / f)
+        if copied:
+            changed.append(f"{name}/batches/{group.name} in flight")
     return changed
 
 
@@ -70,7 +88,16 @@ def restore(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> None:
             results.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(docs_csv, results)
             print(f"{results}: {len(_done_runs(results))} finished runs, from {docs_csv}")
+    for kept in sorted(kept_root.glob(f"*/{BATCHES}/*/")):
+        group = out / kept.parent.parent.name / "batches" / kept.name
+        if not (group / "checkpoint.safetensors").is_file():
+            group.mkdir(parents=True, exist_ok=True)
+            for f in kept.iterdir():
+                shutil.copyfile(f, group / f.name)
+            print(f"{group}: resumes from {kept}")
     for kept in sorted(kept_root.glob("*/*/")):
+        if kept.name == BATCHES:
+            continue
         run_dir = out / kept.parent.name / "runs" / kept.name
         if (run_dir / "checkpoint.safetensors").is_file() or (run_dir / "summary.json").is_file():
             continue  # this machine has its own, newer or equal

@@ -72,3 +72,22 @@ def test_a_run_cut_off_before_its_first_step_keeps_its_base_evaluation(tmp_path)
     (run / "eval_base.json").unlink()  # nothing left to resume from: the saved copy goes
     progress.save(tmp_path / "first", docs, kept)
     assert not kept.joinpath("s", "r").exists()
+
+
+def test_a_batched_group_cut_off_keeps_its_checkpoint_until_it_is_done(tmp_path):
+    group = tmp_path / "first" / "s" / "batches" / "abc123"
+    group.mkdir(parents=True)
+    (group / "checkpoint.safetensors").write_bytes(b"v and AdamW of every run")
+    (group / "metrics.jsonl").write_text('{"step": 0}\n')
+    (group / "plan.json").write_text('{"dir": "/home/someone/runs"}')  # rewritten by the sweep: not kept
+    docs, kept = tmp_path / "docs", tmp_path / "kept"
+    assert progress.save(tmp_path / "first", docs, kept) == ["s/batches/abc123 in flight"]
+    saved = kept / "s" / progress.BATCHES / "abc123"
+    assert sorted(p.name for p in saved.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl"]
+    progress.restore(tmp_path / "second", docs, kept)
+    again = tmp_path / "second" / "s" / "batches" / "abc123"
+    assert (again / "checkpoint.safetensors").read_bytes() == b"v and AdamW of every run"
+    assert not (tmp_path / "second" / "s" / "runs" / progress.BATCHES).exists()  # not taken for a run
+    (group / "checkpoint.safetensors").unlink()  # the sweep deletes it once every run of the group is done
+    progress.save(tmp_path / "first", docs, kept)
+    assert not saved.exists()

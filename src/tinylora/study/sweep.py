@@ -90,10 +90,14 @@ def run_one(run: Run, run_dir: Path, label: str, progress: bool) -> tuple[int, s
     return _child(cmd, run_dir / "train.log", label)
 
 
+def group_dir(group: list[Run], out: Path) -> Path:
+    """Where a group trained together keeps its checkpoint and metrics: OUT/batches/HASH of its run names."""
+    return out / "batches" / hashlib.sha256("\0".join(r.name for r in group).encode()).hexdigest()[:12]
+
+
 def run_group(group: list[Run], out: Path, label: str, progress: bool) -> tuple[int, str]:
     """Train a group of runs together (study.batched), each into its own folder; (exit code, last error)."""
-    names = [r.name for r in group]
-    d = out / "batches" / hashlib.sha256("\0".join(names).encode()).hexdigest()[:12]
+    d = group_dir(group, out)
     d.mkdir(parents=True, exist_ok=True)
     plan = {"dir": str(d), "runs": [{"name": r.name, "argv": r.argv, "dir": str(out / "runs" / r.name)} for r in group]}
     atomic_write_text(d / "plan.json", json.dumps(plan, indent=1))
@@ -238,6 +242,8 @@ def run_sweep(spec: str | Path, out: str | Path, *, progress: bool = True, dry_r
         else:
             say(f"{label}{len(group)} runs trained together: {', '.join(r.name for r in group)}")
             rc, err = run_group(group, out, label, progress)
+            if all(is_done(r, out / "runs" / r.name) for r in group):
+                (group_dir(group, out) / "checkpoint.safetensors").unlink(missing_ok=True)  # only for resuming
         for r in group:
             d = out / "runs" / r.name
             if is_done(r, d):
