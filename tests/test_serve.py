@@ -178,7 +178,10 @@ def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):
         (dict(model=BASE, prompt="t20", max_tokens=5000), openai.BadRequestError, "limit"),
         (dict(model=BASE, prompt="t20 " * 200), openai.BadRequestError, "tokens"),
         (dict(model=BASE, prompt="t20", n=99), openai.BadRequestError, "n=99"),
-        (dict(model=BASE, prompt="t20", logprobs=2), openai.BadRequestError, "not supported"),
+        (dict(model=BASE, prompt="t20", logprobs=2, stream=True), openai.BadRequestError, "not supported"),
+        (dict(model=BASE, prompt="t20", logprobs=6), openai.BadRequestError, "logprobs"),
+        (dict(model="", prompt="t20"), openai.BadRequestError, "model"),
+        (dict(model=BASE, prompt="t20", stop=[f"s{i}" for i in range(17)]), openai.BadRequestError, "stop"),
         (dict(model=BASE, prompt=[999999]), openai.BadRequestError, "token ids"),
         (dict(model=BASE, prompt="t20", extra_body={"adapter": {"config": {"u": 1}, "v": [[1.0, 2.0]]}}),
          openai.BadRequestError, "shape"),
@@ -208,6 +211,23 @@ def test_bad_requests_get_openai_errors_and_do_not_disturb_others(served):
     big = post(served.url + "/completions", json={"model": BASE, "prompt": "t20 " * 300_000},
                headers={"Authorization": f"Bearer {KEY}"})
     assert big.status_code == 413 and big.json()["error"]["message"]
+
+
+def test_logprobs_and_echo_through_the_openai_client(served):
+    """The openai client parses the legacy logprobs object; the numbers: tests/test_serve_logprobs.py."""
+    c = served.client()
+    ids = served.server.tokenizer(PROMPTS[2]).input_ids
+    out = c.completions.create(model="user3", prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == PROMPTS[2] and out.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids)
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    more = c.completions.create(model="user3", prompt=PROMPTS[2], max_tokens=4, temperature=0, echo=True, logprobs=0,
+                                stop=["t999"] * 16)  # up to 16 stop strings (evaluation harnesses send more than 4)
+    assert more.choices[0].logprobs.token_logprobs[0] is None  # a longer forward: equal up to rounding
+    assert more.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert len(more.choices[0].logprobs.tokens) == len(ids) + more.usage.completion_tokens
+    assert more.choices[0].text.startswith(PROMPTS[2])
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_rows(served):

@@ -6,14 +6,80 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+FIRST_K = 64  # candidates the nucleus search starts from (x8 per round for the rows they do not cover)
 
-def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero every token outside each row's nucleus: probs [n, V], top_p [n, 1] → [n, V] (not renormalised;
-    `sample_categorical` draws from the remaining mass)."""
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor, first_k: int = FIRST_K) -> torch.Tensor:
+    """Zero every token outside each row's nucleus: probs [n, V] (non-negative), top_p [n, 1] → [n, V] (not
+    renormalised; `sample_categorical` draws from the remaining mass).
+
+    The nucleus: rank tokens by probability (ties: lower id first) and keep each token whose higher-ranked
+    tokens hold less than top_p. Each row's is found among its k most likely tokens (torch.topk, k = 64, then
+    8x or more per round, below a quarter of the vocabulary) once those provably hold it, else (a nucleus
+    that provably holds a quarter of the vocabulary, or many ties) by sorting the whole row
+    (`top_p_sorted`, the plain definition); both give the same result bit for bit on a CPU, where a float32
+    cumsum is sequential, so a prefix of the sorted row sums exactly as the whole row does up to there."""
+    V = probs.shape[-1]
+    out = torch.zeros_like(probs)
+    rows = torch.arange(len(probs), device=probs.device)  # [r] the rows not done yet
+    k, sort = first_k, []
+    while len(rows) and 4 * k < V:
+        done, kept, need = _top_p_among_top_k(probs[rows], top_p[rows], k)  # [r], [d, V], [r]
+        out[rows[done]] = kept
+        hopeless = ~done & (4 * need >= V)  # their nucleus holds at least a quarter of the row: sort them
+        sort.append(rows[hopeless])
+        rows, need = rows[~done & ~hopeless], need[~done & ~hopeless]
+        k = max(8 * k, int(need.max()) if len(need) else 0)
+    rows = torch.cat([rows, *sort])
+    if len(rows) == len(probs):  # none found among its top k
+        return top_p_sorted(probs, top_p)
+    if len(rows):
+        out[rows] = top_p_sorted(probs[rows], top_p[rows])
+    return out
+
+
+def top_p_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`top_p_filter` by a full sort of every row."""
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # [n, V]; ties: lower id first
     before = sorted_p.cumsum(dim=-1) - sorted_p  # [n, V] mass of the tokens ranked above
     sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the top token always stays
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def _top_p_among_top_k(probs: torch.Tensor, top_p: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows [n] whose nucleus the tokens at least as likely as their k-th (the candidates) provably hold,
+    `top_p_filter` of those rows [d, V] from the candidates alone, and for every row a lower bound on its
+    nucleus' size [n] (each token past the k-th adds at most the k-th's probability)."""
+    n, V = probs.shape
+    top = probs.topk(k, dim=-1).values  # [n, k]
+    kth = top[:, -1:]  # [n, 1]
+    mass = top.sum(dim=-1, keepdim=True)  # [n, 1]
+    need = (k + (top_p - mass).clamp(min=0) / kth.clamp(min=torch.finfo(probs.dtype).tiny)).squeeze(1)  # [n]
+    need = need.clamp(max=float(V)).floor()
+    done = torch.zeros(n, dtype=torch.bool, device=probs.device)
+    if not bool((mass - kth >= top_p).any()):  # no row has about enough mass in its top k
+        return done, probs[:0], need
+    candidate = probs >= kth  # [n, V] the top k, and every token tied with the k-th
+    count = candidate.sum(dim=-1, keepdim=True)  # [n, 1]
+    # worth the exact check: fewer candidates than a quarter of the row (ties), and about enough mass
+    maybe = ((4 * count < V) & (mass - kth >= top_p)).squeeze(1)  # [n]
+    if not bool(maybe.any()):
+        return done, probs[:0], need
+    rows = maybe.nonzero().squeeze(1)
+    probs, top_p, kth, count, candidate = probs[rows], top_p[rows], kth[rows], count[rows], candidate[rows]
+    p, ids = torch.where(candidate, probs, -1.0).topk(int(count.max()), dim=-1)  # [d, m]; -1: fillers
+    ids, by_id = ids.sort(dim=-1)  # the full sort's order: probability descending, ties by id ascending
+    p, rank = p.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, rank)  # [d, m] the candidates as the full sort ranks them first, fillers last
+    total = p.cumsum(dim=-1)  # [d, m]: on the candidates, the full sort's cumsum (a prefix of it)
+    # Every other token j has p_j < kth, and the full cumsum there is >= `last` (that at the last candidate),
+    # so the mass ranked above j is >= fl(last - p_j) >= fl(last - kth): once that reaches top_p, j is out.
+    last = total.gather(1, count - 1)  # [d, 1]
+    holds = ((last - kth) >= top_p).squeeze(1)  # [d]
+    done[rows[holds]] = True
+    kept = p.masked_fill((total - p >= top_p) | (p < 0), 0.0)[holds]  # [d', m]
+    return done, torch.zeros_like(probs[holds]).scatter(-1, ids[holds], kept), need
 
 
 def sample_categorical(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:

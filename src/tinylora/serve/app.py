@@ -12,28 +12,56 @@ import contextlib
 import hmac
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinylora.config import AdapterConfig
 from tinylora.generation.engine import Engine, Sampling
+from tinylora.generation.scoring import Scores, token_logprobs
 from tinylora.serve.limits import Limits
 from tinylora.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    ErrorResponse,
     LoadAdapterRequest,
     Sampled,
     UnloadAdapterRequest,
     error_response,
 )
-from tinylora.serve.responses import Run
+from tinylora.serve.responses import Prompt, Run, decode_offsets
 from tinylora.serve.worker import Job, QueueFull, Worker
 
 MODELS_PAGE = 1000  # /v1/models lists at most this many adapters per call (a pack may hold millions)
+
+# What each status means, as every route that can answer it declares it (body: ErrorResponse).
+ERRORS = {
+    400: "invalid request: bad JSON, a field out of its range, or past a limit of this server or the context",
+    401: "a wrong or missing API key (only when the server has one)",
+    403: "loading and unloading adapters at runtime is off (--allow-runtime-adapters)",
+    404: "no model or adapter of that name",
+    411: "no Content-Length header",
+    413: "request body over --max-request-bytes",
+    429: "the queue is full (--max-queue): retry later",
+    500: "internal error, or generation failed (non-finite logits, out of memory)",
+    503: "the engine thread is not running",
+}
+GENERATES = (400, 401, 404, 411, 413, 429, 500)  # the codes of each route, as the code above and below answers
+ROUTE_ERRORS = {"/health": (401, 500, 503), "/v1/models": (400, 401, 500),
+                "/v1/completions": GENERATES, "/v1/chat/completions": GENERATES,
+                "/v1/load_lora_adapter": (400, 401, 403, 411, 413, 500),
+                "/v1/unload_lora_adapter": (400, 401, 403, 404, 411, 413, 500)}
+
+
+def _responses(path: str, **ok) -> dict:
+    out = {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in ROUTE_ERRORS[path]}
+    if ok:
+        out[200] = ok
+    return out
 
 
 class Server:
@@ -41,7 +69,7 @@ class Server:
 
     def __init__(self, model, tokenizer, bank, *, name: str, api_key: str | None = None,
                  allow_runtime_adapters: bool = False, limits: Limits | None = None, weights: str = "auto"):
-        self.name, self.tokenizer, self.bank = name, tokenizer, bank
+        self.name, self.model, self.tokenizer, self.bank = name, model, tokenizer, bank
         self.api_key, self.allow_runtime_adapters = api_key, allow_runtime_adapters
         self.limits = limits or Limits()
         self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch)
@@ -49,6 +77,7 @@ class Server:
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab = model.config.vocab_size
         self.created = int(time.time())
+        self._token_text: dict[int, str] = {}  # token id -> its text alone (logprobs' tokens), as asked
 
     # ---- requests -> jobs ----------------------------------------------------------------------
     def adapter_R(self, req: Sampled):
@@ -93,7 +122,7 @@ class Server:
         return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                         ignore_eos=req.ignore_eos)
 
-    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
         if isinstance(p, str):
             p = [p]
@@ -103,13 +132,48 @@ class Server:
             p = [p]
         prompts = []
         for x in p:
-            ids = self.tokenizer(x).input_ids if isinstance(x, str) else list(x)
-            if not ids:
+            prompt = self.encode(x, req.add_special_tokens, req.echo) if isinstance(x, str) else Prompt(list(x))
+            if not prompt.ids:
                 raise APIError(400, "prompt is empty", param="prompt")
-            if any(not 0 <= t < self.vocab for t in ids):
+            if any(not 0 <= t < self.vocab for t in prompt.ids):
                 raise APIError(400, f"prompt token ids must lie in [0, {self.vocab})", param="prompt")
-            prompts.append(ids)
+            if req.echo and not isinstance(x, str):  # token ids echo as their text, special tokens included
+                prompt.offsets, prompt.text = decode_offsets(self.tokenizer, prompt.ids, skip_special_tokens=False)
+            prompts.append(prompt)
         return prompts
+
+    def encode(self, text: str, add_special_tokens: bool = True, echo: bool = False) -> Prompt:
+        """A text prompt's tokens: the tokenizer's special tokens added (vLLM's default for completions) unless
+        the text already starts with the BOS token (a chat template's output: no second BOS). With `echo`, the
+        text and where each token starts in it (special tokens the tokenizer added: at 0)."""
+        bos = self.tokenizer.bos_token
+        special = add_special_tokens and not (bos and text.startswith(bos))
+        if not echo:
+            return Prompt(self.tokenizer(text, add_special_tokens=special).input_ids)
+        try:
+            enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+            return Prompt(enc.input_ids, text, [start for start, _ in enc.offset_mapping])
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets: where its decoding puts them
+            ids = self.tokenizer(text, add_special_tokens=special).input_ids
+            offsets, _ = decode_offsets(self.tokenizer, ids, skip_special_tokens=True)
+            return Prompt(ids, text, [min(o, len(text)) for o in offsets])
+
+    async def score(self, prompt: list[int], tokens: list[int], R, *, echo: bool, top: int,
+                    admit: bool = False) -> Scores:
+        """The log-probabilities of `tokens` after `prompt` (with `echo`, of the prompt's tokens too, from the
+        second) under the model with adapter R, at temperature 1, and the `top` most likely tokens at each
+        position: one forward on the engine thread, between two decode steps."""
+        ids = prompt + tokens
+        fn = lambda: token_logprobs(self.model, ids, bank=self.bank, R=R, start=1 if echo else len(prompt),  # noqa: E731
+                                    top=top)
+        return await self.worker.call(fn, asyncio.get_running_loop(), admit=admit)
+
+    def token_texts(self, ids: list[int]) -> dict[int, str]:
+        """{id: the token's text alone} (special tokens by name) for `logprobs`' tokens."""
+        new = sorted({t for t in ids if t not in self._token_text})
+        if new:
+            self._token_text.update(zip(new, self.tokenizer.batch_decode([[t] for t in new])))
+        return {t: self._token_text[t] for t in ids}
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -122,13 +186,21 @@ class Server:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    async def generate(self, req: Sampled, prompts: list[list[int]], max_tokens: int | None, kind: str):
+    async def generate(self, req: Sampled, prompts: list[Prompt], max_tokens: int | None, kind: str):
         R = await run_in_threadpool(self.adapter_R, req)  # an inline adapter's R is built off the event loop
         stops = req.stops()
         req.refuse_unsupported()
-        samplings = [self.sampling(req, max_tokens, len(p)) for p in prompts]
+        echo, logprobs = getattr(req, "echo", False), getattr(req, "logprobs", None)  # completions only
+        if req.stream and logprobs is not None:
+            raise APIError(400, "logprobs with stream=true is not supported by tinylora serve (ask without "
+                                "stream)", param="logprobs")
+        if max_tokens == 0 and not echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (the prompt and its logprobs alone); otherwise "
+                                "max_tokens >= 1", param="max_tokens")
+        samplings = [self.sampling(req, max_tokens, len(p.ids)) for p in prompts]
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [Job(p, s, R, req.n, events, loop, base=i * req.n) for i, (p, s) in enumerate(zip(prompts, samplings))]
+        jobs = [Job(p.ids, s, R, req.n, events, loop, base=i * req.n)
+                for i, (p, s) in enumerate(zip(prompts, samplings)) if s.max_new_tokens > 0]
         try:
             for job in jobs:
                 self.worker.submit(job)
@@ -136,7 +208,7 @@ class Server:
             for job in jobs:
                 self.worker.cancel(job)
             raise APIError(429, f"server busy: {e}", type="rate_limit_error", code="queue_full") from e
-        run = Run(self, jobs, stops, kind, req.model, sum(len(p) for p in prompts),
+        run = Run(self, jobs, stops, kind, req.model, prompts, n=req.n, echo=echo, logprobs=logprobs, R=R,
                   include_usage=bool((req.stream_options or {}).get("include_usage")))
         if req.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
@@ -178,8 +250,11 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        errors = e.errors()
+        field = errors[0].get("loc", ())[:2]  # a union's members each fail: say why the closest one did
+        same = [x for x in errors if x.get("loc", ())[:2] == field]
+        err = next((x for x in same if not str(x.get("type", "")).endswith("_type")), errors[0])
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _union_member(x))
         param = where or None
         message = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
         return error_response(400, message, param=param)
@@ -192,17 +267,15 @@ def create_app(server: Server) -> FastAPI:
     async def crashed(request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
-    @app.get("/health")
+    @app.get("/health", responses=_responses("/health"))
     async def health():
         if not server.worker.alive:
             return error_response(503, "the engine thread is not running", type="server_error")
         return {"status": "ok", "rows": server.worker.rows}
 
-    @app.get("/v1/models")
-    async def models(after: str = "", limit: int = MODELS_PAGE):
+    @app.get("/v1/models", responses=_responses("/v1/models"))
+    async def models(after: str = "", limit: int = Query(MODELS_PAGE, ge=1, le=MODELS_PAGE)):
         """The base and the adapters, a page at a time over a pack (`after`: the last id of the previous page)."""
-        if not 1 <= limit <= MODELS_PAGE:
-            raise APIError(400, f"limit={limit}: expected 1 to {MODELS_PAGE}", param="limit")
         card = lambda name, parent: {"id": name, "object": "model", "created": server.created,  # noqa: E731
                                      "owned_by": "tinylora", "root": server.name, "parent": parent}
         names = await run_in_threadpool(server.bank.page, after, limit)
@@ -211,18 +284,22 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": base + [card(n, server.name) for n in names], "total": len(server.bank) + 1,
                 "has_more": more}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_responses(
+        "/v1/completions", description="a text_completion object; with stream: server-sent events",
+        content={"text/event-stream": {}}))
     async def completions(req: CompletionRequest):
         return await server.generate(req, server.completion_prompts(req), req.max_tokens, "text")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_responses(
+        "/v1/chat/completions", description="a chat.completion object; with stream: server-sent events",
+        content={"text/event-stream": {}}))
     async def chat(req: ChatRequest):
-        return await server.generate(req, [server.chat_prompt(req)], req.max_completion_tokens or req.max_tokens,
-                                     "chat")
+        return await server.generate(req, [Prompt(server.chat_prompt(req))],
+                                     req.max_completion_tokens or req.max_tokens, "chat")
 
     loading = asyncio.Lock()  # one load at a time: two loads of one name cannot both pass the name check
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", responses=_responses("/v1/load_lora_adapter"))
     async def load_adapter(req: LoadAdapterRequest):
         _runtime_allowed(server)
         async with loading:
@@ -243,7 +320,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, str(e), param="lora_path" if req.lora_path else "adapter") from e
         return {"object": "model", "id": req.lora_name, "status": "loaded"}
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", responses=_responses("/v1/unload_lora_adapter"))
     async def unload_adapter(req: UnloadAdapterRequest):
         _runtime_allowed(server)
         if req.lora_name not in server.bank:
@@ -252,6 +329,19 @@ def create_app(server: Server) -> FastAPI:
         await run_in_threadpool(server.bank.remove, req.lora_name)  # running requests keep their copy of its R
         return {"object": "model", "id": req.lora_name, "status": "unloaded"}
 
+    def openapi() -> dict:
+        """FastAPI's schema, less the 422 it adds to routes that validate: this server answers 400 instead."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -263,6 +353,11 @@ def inline_adapter(adapter) -> tuple[AdapterConfig, list]:
         k = config.numbers_per_group
         v = [v[i:i + k] for i in range(0, len(v), k)]
     return config, v
+
+
+def _union_member(loc) -> bool:
+    """A step of a validation error's location that names which type of a union failed (str, list[int], ...)."""
+    return isinstance(loc, str) and (loc in {"str", "int", "float", "bool", "dict", "list", "none"} or "[" in loc)
 
 
 def _runtime_allowed(server: Server) -> None:

@@ -71,6 +71,35 @@ class Worker:
             self.rows += job.n
             self.inbox.put(lambda: self._add(job))
 
+    def call(self, fn, loop: asyncio.AbstractEventLoop, *, admit: bool = True) -> asyncio.Future:
+        """Run `fn()` on the engine thread between two decode steps (model work that must not race the engine:
+        scoring a prompt); its result, or its exception, comes back as the future's. It counts as one row while
+        queued or running; `admit`: refused with QueueFull when that would pass `max_queue` (else only when
+        shutting down: the work of a request already admitted)."""
+        future = loop.create_future()
+
+        def run():
+            try:
+                result, error = fn(), None
+            except Exception as e:  # this call only
+                result, error = None, e
+            finally:
+                with self.lock:
+                    self.rows -= 1
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the event loop has closed: nobody waits for it
+                pass
+
+        with self.lock:
+            if self.stopping or not self.alive:
+                raise QueueFull("the server is shutting down")
+            if admit and self.rows + 1 > self.max_queue:
+                raise QueueFull(f"{self.rows} rows are queued or running (limit {self.max_queue}); retry later")
+            self.rows += 1
+            self.inbox.put(run)
+        return future
+
     def cancel(self, job: Job, reason: str = "abort") -> None:
         self.inbox.put(lambda: [self.engine.cancel(s, reason) for s in job.seqs])
 
@@ -144,3 +173,12 @@ class Worker:
             self._close(job.seqs[j])
         self.engine.waiting.clear()
         self.engine.reset()
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.cancelled():  # the request went away meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
