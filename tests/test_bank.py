@@ -98,3 +98,22 @@ def test_the_bank_holds_each_adapter_as_its_v_and_builds_stacks_on_demand():
     for name in list(vs)[:R_CACHE + 10]:
         bank.get(name) if name in bank else None
     assert bank.nbytes <= 2 * 2000 * v_bytes + 16 * v_bytes + R_CACHE * stack_bytes  # the cache is bounded
+
+
+def test_a_pack_written_by_another_process_is_served_fresh(tmp_path):
+    from tinylora.storage.pack import Pack
+    model, _ = tiny_model_and_tokenizer("llama")
+    config = AdapterConfig(u=1, n_tie=4)
+    probe = AdapterBank(model, config=config)
+    shape = probe.v_shape(config)
+    Pack.create(tmp_path / "p.pack", like=(config, probe.fingerprint, "tiny", shape)).close()
+    probe.adapter.detach()
+    with Pack(tmp_path / "p.pack") as writer:
+        writer.put({"ann": torch.full(shape, 0.1)})
+    bank = AdapterBank(model, pack=Pack(tmp_path / "p.pack"))
+    first = bank.get("ann")
+    other = Pack(tmp_path / "p.pack")  # another connection: what another process's `pack add` is
+    other.put({"ann": torch.full(shape, -0.3)})
+    other.close()
+    now = bank.get("ann")
+    torch.testing.assert_close(now, -3 * first)  # R is linear in v: the new v, not the cached stack

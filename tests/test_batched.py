@@ -170,3 +170,19 @@ def test_adapter_column_errors_name_the_row_and_the_user(tmp_path):
         per_adapter_problems(DataConfig(data=str(path), adapter_column="user", eval_n=2))
     with pytest.raises(ValueError, match="adapter_column"):
         DataConfig(adapter_column="user")
+
+
+def test_a_step_where_no_group_has_a_signal_makes_no_update(tmp_path, reward_file):
+    reward = tmp_path / "same.py"
+    reward.write_text("def one(completions, **kwargs):\n    return [1.0 for _ in completions]\n")
+    team = members(reward_file)
+    for m in team:
+        m.cfg.reward = f"{reward}:one"  # every sample agrees: no advantage anywhere, as when all users are done
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    trainer = BatchedTrainer(model, tok, AdapterBank(model, config=CONFIG, use_cache=False), team, tmp_path / "o",
+                             progress=False)
+    history = trainer.fit()
+    assert len(history) == 3
+    assert all(float(v.abs().max()) == 0.0 for v in trainer.v)  # AdamW never stepped
+    assert all(h["adapters"][m.name]["reward_mean"] == 1.0 and h["adapters"][m.name]["zero_std_frac"] == 1.0
+               for h in history for m in team)

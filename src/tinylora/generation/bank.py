@@ -88,6 +88,7 @@ class AdapterBank:
         self.lock = threading.Lock()  # loads and unloads (server threads) against listing and lookups
         self.pack, self._cached = pack, OrderedDict()  # name -> R stack, most recently used last
         self._changes = 0  # adds and removes so far: a stack built across one is not cached
+        self._pack_version = pack.data_version() if pack is not None else None
         if pack is not None:
             check_fingerprint(pack.fingerprint, self.fingerprint, str(pack.path), strict)
             self._check_shared(pack.config, str(pack.path))
@@ -95,7 +96,9 @@ class AdapterBank:
             self.load(p)
 
     def __len__(self) -> int:
-        return sum(len(h.index) for h in self.held.values()) + (len(self.pack) if self.pack is not None else 0)
+        with self.lock:
+            held = sum(len(h.index) for h in self.held.values())
+        return held + (len(self.pack) if self.pack is not None else 0)
 
     def __contains__(self, name: str) -> bool:
         return self._held_v(name) is not None or (self.pack is not None and name in self.pack)
@@ -128,7 +131,11 @@ class AdapterBank:
 
     def get(self, name: str) -> torch.Tensor | None:
         """The R stack of adapter `name`, or None; a damaged pack entry raises ValueError naming it."""
+        version = self.pack.data_version() if self.pack is not None else None
         with self.lock:
+            if version != self._pack_version:  # another process wrote the pack: no stack built before is trusted
+                self._pack_version, self._changes = version, self._changes + 1
+                self._cached.clear()
             R = self._cached.get(name)
             if R is not None:
                 self._cached.move_to_end(name)

@@ -13,9 +13,10 @@ column in place, so its cost is the attention's own, not a copy of the whole cac
 written right-aligned into free rows (positions follow each row's own mask, so padding changes nothing but
 memory); leaving compacts the rows and, for long-lived batches, trims columns that no row attends to any
 more: only joins and departures copy. Sampling draws exactly from softmax(logits / T) (optionally
-top-p), by inverse CDF from one uniform per row: from one seeded stream for a whole `generate` call
-(rollouts), or from each row's own seeded generator (server requests), so a request's tokens do not
-depend on its neighbours. Backends that generate elsewhere (vLLM fed the exact LoRA export) would
+top-p), by inverse CDF from one uniform per row: inside `generate` (rollouts) from seeded streams, one for
+the whole call or one per run sharing the batch (each stream's rows draw what they would alone), or from each
+row's own seeded generator (server requests), so a request's tokens do not depend on its neighbours.
+Backends that generate elsewhere (vLLM fed the exact LoRA export) would
 replace `step`; everything else talks to `add`/`step`/`cancel` or `generate`.
 """
 
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, completion_mask, eos_ids
-from tinylora.generation.kv import in_slots, join_rows, pad_left, prefill, shift_columns, with_cache
+from tinylora.generation.kv import in_slots, join_rows, prefill, shift_columns, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
 
 
@@ -254,8 +255,7 @@ class Engine:
         """Append admitted rows to the running batch, left-padding whichever KV cache is shorter."""
         self._trim()
         gap = self.mask.shape[1] - mask.shape[1]
-        if gap > 0:
-            pad_left(cache, gap)
+        if gap > 0:  # the new rows are shorter: add_rows right-aligns them, their mask says where they start
             mask = F.pad(mask, (gap, 0))
         elif gap < 0:
             shift_columns(self.cache, -gap)

@@ -6,7 +6,7 @@ import functools
 import inspect
 
 import torch
-from torch.nn import functional as F
+from transformers.cache_utils import DynamicLayer
 
 
 @functools.cache
@@ -46,90 +46,88 @@ def cache_layers(cache) -> list:
     return layers
 
 
-def pad_left(cache, n: int) -> None:
-    """n empty columns before every row's keys and values (a prefilled cache about to join a wider batch)."""
-    for layer in cache_layers(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, n, 0))  # [b, heads, n + L, d]
-        layer.values = F.pad(layer.values, (0, 0, n, 0))
+class SlotLayer(DynamicLayer):
+    """Keys and values in buffers [rows, heads, columns, d] grown by doubling; `keys`/`values` are views of the
+    rows and columns in use. A decode step writes one column; only rows joining or leaving, or a change of
+    the batch's left edge, copy anything (DynamicLayer concatenates: the whole cache copied every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        n, heads, self.width, d = keys.shape
+        self.n = n
+        self.kbuf = keys.new_zeros(n, heads, max(2 * self.width, 64), d)  # [rows, heads, columns, d]
+        self.vbuf = torch.zeros_like(self.kbuf)
+        self.kbuf[:, :, :self.width], self.vbuf[:, :, :self.width] = keys, values
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.kbuf[:self.n, :, :self.width]  # [n, heads, width, d]: views, no copy
+        self.values = self.vbuf[:self.n, :, :self.width]
+
+    def _fit(self, rows: int, cols: int) -> None:
+        """Buffers of at least `rows` × `cols` (doubling: each element is moved O(1) times on average)."""
+        R, C = self.kbuf.shape[0], self.kbuf.shape[2]
+        if rows <= R and cols <= C:
+            return
+        R, C = max(rows, R if rows <= R else 2 * R), max(cols, C if cols <= C else 2 * C, 64)
+        for name in ("kbuf", "vbuf"):
+            old = getattr(self, name)
+            new = old.new_zeros(R, old.shape[1], C, old.shape[3])
+            new[:self.n, :, :self.width] = old[:self.n, :, :self.width]
+            setattr(self, name, new)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[2]  # [n, heads, q, d]: the new columns of every running row
+        self._fit(self.n, self.width + q)
+        self.kbuf[:self.n, :, self.width:self.width + q] = key_states
+        self.vbuf[:self.n, :, self.width:self.width + q] = value_states
+        self.width += q
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        m = len(indices)
+        for buf in (self.kbuf, self.vbuf):
+            buf[:m, :, :self.width] = buf[indices, :, :self.width]  # gathered first, then written
+        self.n = m
+        self._views()
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows [m, heads, L, d] joining the batch (L <= width), right-aligned with it, zeros before them."""
+        m, L = keys.shape[0], keys.shape[2]
+        self._fit(self.n + m, self.width)
+        for buf, x in ((self.kbuf, keys), (self.vbuf, values)):
+            buf[self.n:self.n + m, :, :self.width - L] = 0
+            buf[self.n:self.n + m, :, self.width - L:self.width] = x
+        self.n += m
+        self._views()
+
+    def shift(self, cols: int) -> None:
+        """Every row moved `cols` columns right (cols > 0: room on the left for a longer joining prompt) or
+        left (cols < 0: drop columns no row attends to any more)."""
+        new_width = self.width + cols
+        self._fit(self.n, new_width)
+        for buf in (self.kbuf, self.vbuf):
+            if cols > 0:
+                buf[:self.n, :, cols:new_width] = buf[:self.n, :, :self.width].clone()
+                buf[:self.n, :, :cols] = 0
+            else:
+                buf[:self.n, :, :new_width] = buf[:self.n, :, -cols:self.width].clone()
+        self.width = new_width
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a running batch's cache is trimmed by shift(), not cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("rows join a running batch with add_rows()")
 
 
 def in_slots(cache):
     """The running batch's cache: every layer's keys and values moved into buffers allocated ahead (SlotLayer),
     so a decode step writes its column in place instead of copying the whole cache. A model with sliding-window
     layers keeps its own cache (and its batch admits no rows while it runs: see cache_layers)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class SlotLayer(DynamicLayer):
-        """Keys and values in buffers [rows, heads, columns, d] grown by doubling; `keys`/`values` are views of the
-        rows and columns in use. A decode step writes one column; only rows joining or leaving, or a change of
-        the batch's left edge, copy anything (DynamicLayer concatenates: the whole cache copied every step)."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-            super().__init__()
-            self.device, self.is_initialized = keys.device, True
-            n, heads, self.width, d = keys.shape
-            self.n = n
-            self.kbuf = keys.new_zeros(n, heads, max(2 * self.width, 64), d)  # [rows, heads, columns, d]
-            self.vbuf = torch.zeros_like(self.kbuf)
-            self.kbuf[:, :, :self.width], self.vbuf[:, :, :self.width] = keys, values
-            self._views()
-
-        def _views(self) -> None:
-            self.keys = self.kbuf[:self.n, :, :self.width]  # [n, heads, width, d]: views, no copy
-            self.values = self.vbuf[:self.n, :, :self.width]
-
-        def _fit(self, rows: int, cols: int) -> None:
-            """Buffers of at least `rows` × `cols` (doubling: each element is moved O(1) times on average)."""
-            R, C = self.kbuf.shape[0], self.kbuf.shape[2]
-            if rows <= R and cols <= C:
-                return
-            R, C = max(rows, R if rows <= R else 2 * R), max(cols, C if cols <= C else 2 * C, 64)
-            for name in ("kbuf", "vbuf"):
-                old = getattr(self, name)
-                new = old.new_zeros(R, old.shape[1], C, old.shape[3])
-                new[:self.n, :, :self.width] = old[:self.n, :, :self.width]
-                setattr(self, name, new)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            q = key_states.shape[2]  # [n, heads, q, d]: the new columns of every running row
-            self._fit(self.n, self.width + q)
-            self.kbuf[:self.n, :, self.width:self.width + q] = key_states
-            self.vbuf[:self.n, :, self.width:self.width + q] = value_states
-            self.width += q
-            self._views()
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            m = len(indices)
-            for buf in (self.kbuf, self.vbuf):
-                buf[:m, :, :self.width] = buf[indices, :, :self.width]  # gathered first, then written
-            self.n = m
-            self._views()
-
-        def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            """Rows [m, heads, L, d] joining the batch, right-aligned with it (L <= width: pad_left them)."""
-            m, L = keys.shape[0], keys.shape[2]
-            self._fit(self.n + m, self.width)
-            for buf, x in ((self.kbuf, keys), (self.vbuf, values)):
-                buf[self.n:self.n + m, :, :self.width - L] = 0
-                buf[self.n:self.n + m, :, self.width - L:self.width] = x
-            self.n += m
-            self._views()
-
-        def shift(self, cols: int) -> None:
-            """Every row moved `cols` columns right (cols > 0: room on the left for a longer joining prompt) or
-            left (cols < 0: drop columns no row attends to any more)."""
-            new_width = self.width + cols
-            self._fit(self.n, new_width)
-            for buf in (self.kbuf, self.vbuf):
-                if cols > 0:
-                    buf[:self.n, :, cols:new_width] = buf[:self.n, :, :self.width].clone()
-                    buf[:self.n, :, :cols] = 0
-                else:
-                    buf[:self.n, :, :new_width] = buf[:self.n, :, -cols:self.width].clone()
-            self.width = new_width
-            self._views()
-
     if {type(layer) for layer in cache.layers} != {DynamicLayer}:  # sliding windows: left as they are
         return cache
     cache.layers = [SlotLayer(layer.keys, layer.values) for layer in cache.layers]
@@ -137,7 +135,7 @@ def in_slots(cache):
 
 
 def join_rows(cache, new) -> None:
-    """Append the rows of the prefilled cache `new` (already as wide as `cache`: see pad_left) to `cache`."""
+    """Append the rows of the prefilled cache `new` (no wider than `cache`: see shift_columns) to `cache`."""
     for mine, theirs in zip(cache_layers(cache), cache_layers(new)):
         mine.add_rows(theirs.keys, theirs.values)
 

@@ -153,6 +153,11 @@ class Pack:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection (another process) commits to this pack."""
+        with self.lock:
+            return self.db.execute("PRAGMA data_version").fetchone()[0]
+
     def __len__(self) -> int:
         return self._all("SELECT count(*) FROM adapters")[0][0]
 

@@ -20,12 +20,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from tinylora.atomic import atomic_write_text
 from tinylora.methods import method_of
 from tinylora.study.spec import Run, TrainParser
+from tinylora.training.batched import PER_ADAPTER_SETTINGS
 
-PER_ADAPTER = ("seed", "lr", "schedule", "warmup", "weight_decay", "grad_clip", "reward", "u", "n_tie", "tie",
-               "v_dtype")
+# a batched run's per-adapter training settings, and the adapter config fields a bank's rows may differ in
+PER_ADAPTER = (*PER_ADAPTER_SETTINGS, "u", "n_tie", "tie", "v_dtype")
 
 
 def batch_key(run: Run) -> str | None:
@@ -75,59 +78,74 @@ def train_together(plan: dict, progress: bool = False) -> None:
     bank = AdapterBank(net, config=members[0].adapter, progress=progress)
     trainer = BatchedTrainer(net, tok, bank, members, Path(plan["dir"]), progress=progress)
     eval_problems = data.problems("test", data.eval_n) if data.eval_n else []
-    weights = trainer.engine.weights.for_evaluation(net)
+    weights = evaluation_weights(trainer.engine.weights, members[0].cfg.rollout_weights, net)
 
     def settings(m: Member) -> dict:
         return dict(max_new_tokens=m.cfg.max_new_tokens, batch_size=run_cfg.eval_batch_size, suffix=m.cfg.suffix,
                     system=m.cfg.system or None, reward=run_cfg.eval_reward or m.cfg.reward, progress=progress)
-    base = None
-    if eval_problems:  # the base model once: every run of a group evaluates the same problems, prompt and rule
-        first = Path(entries[0]["dir"])
-        reused = (first / "eval_base.json").is_file()
-        if reused:
-            base = json.loads((first / "eval_base.json").read_text())
+    bases = {}  # scoring rule -> the base model's evaluation: once per rule, shared by the runs scored by it
+    for e, m in zip(entries, members) if eval_problems else ():
+        out, rule = Path(e["dir"]), settings(m)["reward"]
+        if (out / "eval_base.json").is_file():
+            bases.setdefault(rule, (json.loads((out / "eval_base.json").read_text()), out))
+        elif rule in bases:
+            for name in ("eval_base.jsonl", "eval_base.json"):  # the .json last: it marks the copy complete
+                if (bases[rule][1] / name).is_file():
+                    (out / name).write_bytes((bases[rule][1] / name).read_bytes())
         else:
             with bank.adapter.disabled():
-                base = score_problems(net, tok, eval_problems, out_jsonl=first / "eval_base.jsonl", weights=weights,
-                                      desc="eval base", **settings(members[0]))
+                base = score_problems(net, tok, eval_problems, out_jsonl=out / "eval_base.jsonl", weights=weights,
+                                      desc="eval base", **settings(m))
             base["step"] = 0
-        for e in entries:
-            for name in ("eval_base.jsonl", "eval_base.json"):  # the .json last: it marks the copy complete
-                src, dst = first / name, Path(e["dir"]) / name
-                if dst != src and src.is_file() and not dst.is_file():
-                    dst.write_bytes(src.read_bytes())
-            if not (Path(e["dir"]) / "eval_base.json").is_file():
-                (Path(e["dir"]) / "eval_base.json").write_text(json.dumps(base))
+            atomic_write_text(out / "eval_base.json", json.dumps(base))
+            bases[rule] = (base, out)
     t_train = time.time()
     history = trainer.fit(resume=True)
     t_train = time.time() - t_train
     if trainer.stop_requested:
         return
     bank.adapter.detach()  # each run's own adapter now, as its solo run has it
-    wall_share, train_share = (time.time() - t_start) / len(members), t_train / len(members)
+    finals = []
     for k, (e, m) in enumerate(zip(entries, members)):
-        out = Path(e["dir"])
         ad = trainer.attach_member(k)
-        path = save_adapter(ad, out / "adapter.safetensors")
+        path = save_adapter(ad, Path(e["dir"]) / "adapter.safetensors")
         final = None
         if eval_problems:
-            final = score_problems(net, tok, eval_problems, adapter=ad, out_jsonl=out / "eval_final.jsonl",
+            final = score_problems(net, tok, eval_problems, adapter=ad, out_jsonl=Path(e["dir"]) / "eval_final.jsonl",
                                    weights=weights, desc=f"eval final {m.name}", **settings(m))
             final["step"] = len(history)
+        finals.append((path, final, ad.num_trainable(), json.loads(ad.config.to_json())))
+        ad.detach()
+    # the summaries last, all together: a group cut off before this point is rerun whole (same folder, same
+    # checkpoint), not split into a smaller group that would start over
+    wall_share, train_share = (time.time() - t_start) / len(members), t_train / len(members)
+    for e, m, (path, final, n_trainable, config) in zip(entries, members, finals):
+        out = Path(e["dir"])
         mine = [{"step": h["step"], **h["adapters"][m.name], "rollouts": m.cfg.batch_prompts * m.cfg.group_size,
                  "step_time": h["step_time"], "tokens_per_s": h.get("tokens_per_s", 0.0)} for h in history]
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in mine))
-        summary = {"model": model_cfg.model, "task": data.source, "algo": m.cfg.algo,
-                   "config": json.loads(ad.config.to_json()), "trainable_params": ad.num_trainable(),
-                   "adapter_file": str(path), "adapter_bytes": path.stat().st_size, "steps": len(history),
-                   "base_eval": base, "base_eval_reused": True, "final_eval": final, "evals_during": [],
+        base = json.loads((out / "eval_base.json").read_text()) if eval_problems else None
+        summary = {"model": model_cfg.model, "task": data.source, "algo": m.cfg.algo, "config": config,
+                   "trainable_params": n_trainable, "adapter_file": str(path), "adapter_bytes": path.stat().st_size,
+                   "steps": len(history), "base_eval": base, "base_eval_reused": bases.get(
+                       settings(m)["reward"], (None, out))[1] != out, "final_eval": final, "evals_during": [],
                    "train_seconds": round(train_share, 1), "wall_seconds": round(wall_share, 1), "sittings": 1,
                    "mean_step_seconds": round(sum(h["step_time"] for h in history) / max(len(history), 1), 2),
                    "rollout_tokens_per_s": round(sum(h.get("tokens_per_s", 0.0) for h in history)
                                                  / max(len(history), 1), 1),
                    "stopped_early": False, "batched_with": [x["name"] for x in entries]}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        ad.detach()
+
+
+def evaluation_weights(rollout, choice: str, model):
+    """The weights a solo run of these settings would evaluate with. A bank generates with hooks where a solo run
+    merges (a merge gives every row one adapter): on a CPU in fp32 the solo run's evaluation merges, so this does."""
+    from tinylora.generation import weights as cpu_weights
+    weight = next(model.parameters())
+    if isinstance(rollout, cpu_weights.AdapterHooks) and choice != "hooks" and weight.device.type == "cpu" \
+            and weight.dtype == torch.float32:
+        return cpu_weights.Merged()
+    return rollout.for_evaluation(model)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,12 +38,10 @@ from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
 from tinylora.training.config import TrainConfig, lr_at, step_problems, step_seed
 from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
 from tinylora.training.logprobs import group_logprobs, sequence_logprobs
-from tinylora.training.trainer import check_v_dtype, sft_batch
+from tinylora.training.trainer import check_problems, check_v_dtype, sft_batch
 
-# settings every adapter of one batched run shares (the batch's shape and the loss); the rest are per adapter
-SHARED_SETTINGS = ("algo", "steps", "batch_prompts", "group_size", "max_new_tokens", "temperature", "micro_batch",
-                   "mini_batches", "epochs", "eps_low", "eps_high", "tis_cap", "beta", "std_norm", "dynamic_sampling",
-                   "max_gen_rounds", "suffix", "system", "rollout_weights", "save_every")
+# the TrainConfig settings each adapter of a batched run has its own; all others are shared (the batch's shape,
+# the loss), and a member that differs in one is refused by name
 PER_ADAPTER_SETTINGS = ("seed", "lr", "schedule", "warmup", "weight_decay", "grad_clip", "reward")
 
 
@@ -66,12 +64,13 @@ def check_members(members: list[Member]) -> TrainConfig:
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names must be distinct: {sorted(n for n in set(names) if names.count(n) > 1)}")
     cfg = members[0].cfg
+    shared = [f.name for f in fields(TrainConfig) if f.name not in PER_ADAPTER_SETTINGS]
     for m in members[1:]:
-        for f in SHARED_SETTINGS:
+        for f in shared:
             if getattr(m.cfg, f) != getattr(cfg, f):
                 raise ValueError(f"{f}={getattr(m.cfg, f)!r} of {m.name!r} differs from {getattr(cfg, f)!r} of "
-                                 f"{members[0].name!r}: adapters trained in one batch share "
-                                 + ", ".join(SHARED_SETTINGS))
+                                 f"{members[0].name!r}: adapters trained in one batch differ only in "
+                                 + ", ".join(PER_ADAPTER_SETTINGS))
     supported = (("mini_batches", cfg.mini_batches == 1), ("epochs", cfg.epochs == 1),
                  ("dynamic_sampling", not cfg.dynamic_sampling), ("beta", cfg.beta == 0))
     for f, ok in supported:
@@ -101,6 +100,8 @@ class BatchedTrainer:
                   for c in self.configs]
         self.opt = torch.optim.AdamW([{"params": [v], "lr": m.cfg.lr, "weight_decay": m.cfg.weight_decay}
                                       for v, m in zip(self.v, members)], betas=(0.9, 0.999))
+        for m in members:
+            check_problems(m.cfg, m.problems, where=f"adapter {m.name!r}: ")
         self.rewards = [load_reward(m.cfg.reward) for m in members]
         self.engine = Engine(model, tokenizer, weights=self.cfg.rollout_weights, bank=bank)
         self.stop_requested = False
@@ -157,7 +158,8 @@ class BatchedTrainer:
             groups = torch.nonzero(live).flatten()[:, None] * G + torch.arange(G)  # [b_live, G]
             for a, r in enumerate(rewards.split(cfg.batch_prompts * G)):
                 scored = ~torch.isnan(r)
-                per[a].update(reward_mean=r[scored].mean().item() if scored.any() else float("nan"),
+                mean = r[scored].mean().item() if scored.any() else 0.0  # none scored: 0, as Trainer reports
+                per[a].update(reward_mean=mean, accuracy=mean, unscored=int((~scored).sum()),
                               zero_std_frac=zero_std_fraction(r, G))
             metrics = {"gen_time": t_gen, "rollouts": len(rewards),
                        "tokens_per_s": float(ro.completion_mask.sum()) / max(t_gen, 1e-9)}
@@ -186,7 +188,7 @@ class BatchedTrainer:
         G = groups.shape[1]
         lengths = cmask.sum(dim=1).cpu()
         order = lengths[groups].max(dim=1).values.argsort(stable=True)  # short groups with short ones
-        for mb in groups[order].split(max(cfg.micro_batch // G, 1)):
+        for mb in groups[order].split(max(cfg.micro_batch // G, 1)) if len(groups) else []:
             mb = mb.flatten()  # [n] whole groups
             cols = amask[mb].nonzero()[:, 1]
             first, last = min(int(cols.min()), P - 1), int(cols.max()) + 1
@@ -194,29 +196,29 @@ class BatchedTrainer:
             R = torch.stack([self.bank.stack_of(self.v[a], self.configs[a]) for a in present.tolist()])[slot]
             with self.bank.adapter.per_row(R[::G]):  # GRPO: one R per prompt; its G rows repeat it
                 logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
-            m = cmask[mb, :last - P]  # [n, C']
-            total = 0.0
-            for a in member[mb].unique().tolist():
+            mask = cmask[mb, :last - P]  # [n, C']
+            loss = 0.0
+            for a in present.tolist():
                 k = (member[mb] == a).nonzero().flatten()  # this adapter's rows in the micro-batch
                 if cfg.algo == "sft":
-                    loss = sft_loss(logp[k], m[k], float(n_tokens[a]))
+                    mine = sft_loss(logp[k], mask[k], float(n_tokens[a]))
                 else:
                     lp, sampled = logp[k], batch["logp_roll"][mb][k, :last - P]  # [n_a, C'] train, rollout
                     # one update per batch: π_old is the policy itself (ratio 1, as in Trainer)
-                    loss, _ = policy_loss(lp, lp.detach(), batch["adv"][mb][k], m[k], eps_low=cfg.eps_low,
+                    mine, _ = policy_loss(lp, lp.detach(), batch["adv"][mb][k], mask[k], eps_low=cfg.eps_low,
                                           eps_high=cfg.eps_high, n_tokens=float(n_tokens[a]),
                                           is_weight=truncated_is_weight(lp.detach(), sampled, cfg.tis_cap))
-                losses[a] += loss.item()
-                total = total + loss
-            total.backward()
+                losses[a] += mine.item()
+                loss = loss + mine
+            loss.backward()
         for a, (m, v) in enumerate(zip(self.members, self.v)):
             per[a].update(loss=losses[a], grad_norm=0.0, skipped=False)
             if n_tokens[a] == 0:  # no row with a signal: no update (AdamW would still move v by its momentum)
                 v.grad = None
                 continue
-            finite = v.grad is not None and bool(torch.isfinite(v.grad).all()) and math.isfinite(losses[a])
-            if v.grad is None:
+            if v.grad is None:  # as Trainer: a zero gradient still steps (AdamW's momentum)
                 v.grad = torch.zeros_like(v)
+            finite = bool(torch.isfinite(v.grad).all()) and math.isfinite(losses[a])
             per[a]["grad_norm"] = torch.nn.utils.clip_grad_norm_([v], m.cfg.grad_clip or float("inf")).item()
             if not finite:
                 v.grad, per[a]["skipped"] = None, True

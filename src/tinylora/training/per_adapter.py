@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tinylora.atomic import atomic_write_text
 from tinylora.tasks import Problem, load_task, without_questions
 from tinylora.tasks.rewards import load_reward, score
 
@@ -108,6 +109,9 @@ def train_per_adapter(model, data, adapter, cfg, run) -> dict:
     from tinylora.models import load_model
     from tinylora.training.batched import BatchedTrainer, Member
     t_start, out = time.time(), Path(run.out)
+    if run.eval_every:
+        raise ValueError(f"eval_every={run.eval_every} (--eval-every) is not available with --adapter-column: the "
+                         "held-out rows are scored before and after training")
     plan = per_adapter_problems(data)
     net, tokenizer = load_model(model.model, model.dtype, model.device)
     bank = AdapterBank(net, config=adapter, progress=run.progress)
@@ -126,7 +130,7 @@ def train_per_adapter(model, data, adapter, cfg, run) -> dict:
         with torch.no_grad():
             base = reward_by_adapter(trainer, held_out, rule, trained=False, **ev) if held_out else {}
         out.mkdir(parents=True, exist_ok=True)
-        base_path.write_text(json.dumps(base))
+        atomic_write_text(base_path, json.dumps(base))
     t_train = time.time()
     history = trainer.fit(resume=run.resume)
     t_train = time.time() - t_train
@@ -135,7 +139,7 @@ def train_per_adapter(model, data, adapter, cfg, run) -> dict:
     if held_out and not trainer.stop_requested:
         with torch.no_grad():
             final = reward_by_adapter(trainer, held_out, rule, trained=True, **ev)
-        (out / "eval_final.json").write_text(json.dumps(final))
+        atomic_write_text(out / "eval_final.json", json.dumps(final))
     summary = {"model": model.model, "data": data.data, "adapter_column": data.adapter_column, "algo": cfg.algo,
                "config": json.loads(adapter.to_json()), "adapters": len(members), "pack": str(pack),
                "pack_bytes": pack.stat().st_size, "bytes_per_adapter": round(pack.stat().st_size / len(members), 1),
@@ -143,7 +147,7 @@ def train_per_adapter(model, data, adapter, cfg, run) -> dict:
                "base_reward": spread(base), "final_reward": spread(final) if final else None,
                "train_seconds": round(t_train, 1), "wall_seconds": round(time.time() - t_start, 1),
                "stopped_early": trainer.stop_requested}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     report(summary, base, final)
     return summary
 

@@ -33,6 +33,17 @@ from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, trun
 from tinylora.training.logprobs import group_logprobs, sequence_logprobs
 
 
+def check_problems(cfg: TrainConfig, problems: list[Problem], where: str = "") -> None:
+    """The rows can train with these settings: SFT needs a solution or answer, a built-in reward an answer."""
+    if cfg.algo == "sft" and not all(p.solution or p.answer for p in problems):
+        raise ValueError(f"{where}SFT trains on each row's 'solution' (or its 'answer'), which "
+                         f"{sum(not (p.solution or p.answer) for p in problems)} rows lack")
+    if cfg.algo == "grpo" and is_builtin(cfg.reward) and not all(p.answer for p in problems):
+        raise ValueError(f"{where}reward {cfg.reward!r} compares each completion with the 'answer' column, which "
+                         f"{sum(not p.answer for p in problems)} rows lack; add answers or pass your own "
+                         "--reward FILE.py:function")
+
+
 def check_v_dtype(config) -> None:
     """fp16 v can be stored and served, not trained: AdamW keeps its state in the parameter's dtype, and in fp16
     its second moment (0.001·g²) and its eps (1e-8) underflow to 0, so the first step divides by zero."""
@@ -70,13 +81,7 @@ class Trainer:
         if cfg.batch_prompts % self.world:
             raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the {self.world} ranks")
         self.reward = load_reward(cfg.reward)  # (completions, prompts, **columns) -> [float | None]
-        if cfg.algo == "sft" and not all(p.solution or p.answer for p in problems):
-            raise ValueError(f"SFT trains on each row's 'solution' (or its 'answer'), which "
-                             f"{sum(not (p.solution or p.answer) for p in problems)} rows lack")
-        if cfg.algo == "grpo" and is_builtin(cfg.reward) and not all(p.answer for p in problems):
-            raise ValueError(f"reward {cfg.reward!r} compares each completion with the 'answer' column, which "
-                             f"{sum(not p.answer for p in problems)} rows lack; add answers or pass your own "
-                             "--reward FILE.py:function")
+        check_problems(cfg, problems)
         self.params = adapter.trainable_parameters()
         if not self.params:
             raise ValueError(f"method {adapter.config.method!r} has nothing to train")
