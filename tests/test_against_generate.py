@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
 
 import pytest
 import torch
-from waiting import HANG_GUARD_S, wait_until
+from serving import ServerThread
+from waiting import HANG_GUARD_S
 
 from tinylora import AdapterConfig, attach, save_adapter
 from tinylora.generation import weights as cpu_weights
@@ -260,13 +259,11 @@ BASE = "tiny-base"
 CHAT = [{"role": "system", "content": "t10 t11"}, {"role": "user", "content": "t30 t31 ?"}]
 
 
-class Served:
+class Served(ServerThread):
     """A real uvicorn server in a thread over the tiny llama, every adapter of CONFIGS loaded from files."""
 
     def __init__(self, folder):
-        uvicorn = pytest.importorskip("uvicorn")
         from tinylora.serve import Limits, build_server
-        from tinylora.serve.app import create_app
         folder.mkdir(exist_ok=True)
         self.alone = {None: base_model()[0]}
         self.v = {}
@@ -281,23 +278,7 @@ class Served:
         prompts += [ids_of(self.tok, self.tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))]
         self.extra_eos = stopping_tokens([[hf_greedy(m, x, N) for x in prompts] for m in self.alone.values()], N)
         set_eos_everywhere([model, *self.alone.values()], self.extra_eos)  # before the server's engine reads it
-        self.server = build_server(model, self.tok, name=BASE, adapters=folder, limits=Limits(max_batch=8))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=port,
-                                                log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.uv.started, self.thread.is_alive, "the server started")
-        return self
-
-    def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(HANG_GUARD_S)
+        super().__init__(build_server(model, self.tok, name=BASE, adapters=folder, limits=Limits(max_batch=8)))
 
     def post(self, route: str, body: dict) -> dict:
         import httpx

@@ -12,6 +12,7 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from serving import ServerThread  # noqa: E402
 from waiting import HANG_GUARD_S, wait_until  # noqa: E402
 from waiting import running as proc_running  # noqa: E402
 
@@ -61,29 +62,13 @@ def alone(path, prompt, max_tokens):
     return sample(model, tok, [prompt], max_new_tokens=max_tokens, greedy=True).completions[0]
 
 
-class Running:
+class Running(ServerThread):
     """A real server in a thread."""
 
     def __init__(self, folder, **kwargs):
         model, tok = model_and_tokenizer()
         limits = kwargs.pop("limits", Limits(max_batch=8))
-        self.server = build_server(model, tok, name=BASE, adapters=folder, limits=limits, **kwargs)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=self.port,
-                                                log_level="warning", timeout_graceful_shutdown=HANG_GUARD_S))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.uv.started, self.thread.is_alive, "the server started")
-        return self
-
-    def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(HANG_GUARD_S)
+        super().__init__(build_server(model, tok, name=BASE, adapters=folder, limits=limits, **kwargs))
 
     def client(self, key=KEY):
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=HANG_GUARD_S)

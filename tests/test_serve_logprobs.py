@@ -8,20 +8,19 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
-import threading
 
 import pytest
 import torch
-from waiting import HANG_GUARD_S, wait_until
+from waiting import HANG_GUARD_S
 
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from serving import ServerThread  # noqa: E402
+
 from tinylora import AdapterConfig, attach, load_adapter, save_adapter  # noqa: E402
 from tinylora.serve import Limits, build_server  # noqa: E402
-from tinylora.serve.app import create_app  # noqa: E402
 from tinylora.testing import ARCHS, tiny_model_and_tokenizer  # noqa: E402
 
 BASE = "tiny-base"
@@ -59,29 +58,13 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
                                                                                                      len(ids):].tolist()
 
 
-class Served:
+class Served(ServerThread):
     """A real uvicorn server in a thread."""
 
     def __init__(self, folder, tokenizer=None, **kwargs):
         model, tok = model_and_tokenizer(tokenizer)
         self.tok = tok
-        self.server = build_server(model, tok, name=BASE, adapters=folder, limits=Limits(max_batch=8), **kwargs)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=self.port,
-                                                log_level="warning", timeout_graceful_shutdown=HANG_GUARD_S))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.uv.started, self.thread.is_alive, "the server started")
-        return self
-
-    def __exit__(self, *exc):
-        self.uv.should_exit = True
-        self.thread.join(HANG_GUARD_S)
+        super().__init__(build_server(model, tok, name=BASE, adapters=folder, limits=Limits(max_batch=8), **kwargs))
 
     def post(self, body: dict, route: str = "/completions", status: int = 200) -> dict:
         r = httpx.post(self.url + route, json=body, timeout=HANG_GUARD_S)

@@ -37,7 +37,7 @@ from tinylora.training import dist
 from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
 from tinylora.training.config import TrainConfig, lr_at, step_problems, step_seed
 from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
-from tinylora.training.logprobs import group_logprobs, sequence_logprobs
+from tinylora.training.logprobs import completion_logprobs
 from tinylora.training.trainer import check_problems, check_v_dtype, sft_batch
 
 # the TrainConfig settings each adapter of a batched run has its own; all others are shared (the batch's shape,
@@ -195,7 +195,8 @@ class BatchedTrainer:
             present, slot = member[mb].unique(return_inverse=True)  # the adapters in this micro-batch
             R = torch.stack([self.bank.stack_of(self.v[a], self.configs[a]) for a in present.tolist()])[slot]
             with self.bank.adapter.per_row(R[::G]):  # GRPO: one R per prompt; its G rows repeat it
-                logp = self.logprobs(ids[mb, first:last], amask[mb, first:last], P - first)  # [n, C']
+                logp = completion_logprobs(self.model, ids[mb, first:last], amask[mb, first:last], P - first,
+                                           cfg.temperature, G)  # [n, C']
             mask = cmask[mb, :last - P]  # [n, C']
             loss = 0.0
             for a in present.tolist():
@@ -224,13 +225,6 @@ class BatchedTrainer:
                 v.grad, per[a]["skipped"] = None, True
                 tqdm.write(f"{m.name}: non-finite loss or gradient: update skipped (v unchanged)")
         self.opt.step()  # adapters whose grad is None keep their v and their AdamW state
-
-    def logprobs(self, ids: torch.Tensor, amask: torch.Tensor, P: int) -> torch.Tensor:
-        T = self.cfg.temperature
-        if self.cfg.algo == "sft":
-            return sequence_logprobs(self.model, ids, amask, P, T)
-        G = self.cfg.group_size
-        return group_logprobs(self.model, ids[::G, :P], amask[::G, :P], ids[:, P:], amask[:, P:], T)
 
     def attach_member(self, k: int):
         """Adapter k as an ordinary Adapter on the model (once the bank's own is detached): its file and its

@@ -42,3 +42,13 @@ def group_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
                      **with_cache(model, cache)).logits  # [N, C - 1, V] predict completion tokens 1..C-1
         logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
     return token_logprobs(logits, completion_ids, temperature)  # [N, C]
+
+
+def completion_logprobs(model, ids: torch.Tensor, amask: torch.Tensor, prompt_len: int, temperature: float,
+                        group_size: int = 1) -> torch.Tensor:
+    """Training log-probs of the completions [n, C]: rows in whole groups of `group_size` share their prompt's
+    forward (GRPO); group_size 1 forwards every row whole (SFT)."""
+    if group_size == 1:
+        return sequence_logprobs(model, ids, amask, prompt_len, temperature)
+    G, P = group_size, prompt_len
+    return group_logprobs(model, ids[::G, :P], amask[::G, :P], ids[:, P:], amask[:, P:], temperature)

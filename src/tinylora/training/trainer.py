@@ -30,7 +30,7 @@ from tinylora.training.checkpoint import load_checkpoint, save_checkpoint
 from tinylora.training.config import TrainConfig, lr_at, step_problems, step_seed
 from tinylora.training.dynamic_sampling import refill_problems, sample_informative
 from tinylora.training.grpo import group_advantages, policy_loss, sft_loss, truncated_is_weight, zero_std_fraction
-from tinylora.training.logprobs import group_logprobs, sequence_logprobs
+from tinylora.training.logprobs import completion_logprobs
 
 
 def check_problems(cfg: TrainConfig, problems: list[Problem], where: str = "") -> None:
@@ -131,11 +131,8 @@ class Trainer:
 
     def logprobs(self, ids: torch.Tensor, amask: torch.Tensor, P: int) -> torch.Tensor:
         """Training log-probs of the completions [n, C]; GRPO rows come in whole groups."""
-        T = self.cfg.temperature
-        if self.cfg.algo == "sft":
-            return sequence_logprobs(self.model, ids, amask, P, T)
-        G = self.cfg.group_size
-        return group_logprobs(self.model, ids[::G, :P], amask[::G, :P], ids[:, P:], amask[:, P:], T)
+        G = 1 if self.cfg.algo == "sft" else self.cfg.group_size
+        return completion_logprobs(self.model, ids, amask, P, self.cfg.temperature, G)
 
     def train_step(self, step: int) -> dict:
         """One rollout batch (GRPO: generate and score; SFT: gold solutions), then `mini_batches` × `epochs`
