@@ -52,33 +52,30 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         ckpt = run_dir / "checkpoint.safetensors"
         # resumable here: a small checkpoint, or before the first step a base evaluation (GSM8K: 17 min)
         small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
-        if run_dir.name in done[name] or not small:
-            if kept.exists():
-                shutil.rmtree(kept)
-            continue
-        kept.mkdir(parents=True, exist_ok=True)
-        copied = [f for f in RESUME_FILES if (run_dir / f).is_file() and (
-            not (kept / f).is_file() or (kept / f).read_bytes() != (run_dir / f).read_bytes())]
-        for f in copied:
-            shutil.copyfile(run_dir / f, kept / f)
-        if copied:
+        if _mirror(run_dir, kept, RESUME_FILES, keep=run_dir.name not in done[name] and small):
             changed.append(f"{name}/{run_dir.name} in flight")
     for group in sorted(out.glob("*/batches/*/")):  # `sweep --batched`: a group's checkpoint until it is done
         name = group.parent.parent.name
         kept = kept_root / name / BATCHES / group.name
         ckpt = group / "checkpoint.safetensors"
-        if not ckpt.is_file() or ckpt.stat().st_size > MAX_CHECKPOINT:
-            if kept.exists():
-                shutil.rmtree(kept)
-            continue
-        kept.mkdir(parents=True, exist_ok=True)
-        copied = [f for f in GROUP_FILES if (group / f).is_file() and (
-            not (kept / f).is_file() or (kept / f).read_bytes() != (group / f).read_bytes())]
-        for f in copied:
-            shutil.copyfile(group / f, kept / f)
-        if copied:
+        if _mirror(group, kept, GROUP_FILES, keep=ckpt.is_file() and ckpt.stat().st_size <= MAX_CHECKPOINT):
             changed.append(f"{name}/batches/{group.name} in flight")
     return changed
+
+
+def _mirror(src: Path, kept: Path, files: tuple[str, ...], keep: bool) -> bool:
+    """Copy `files` of `src` that changed into `kept` (keep), or drop `kept` (not keep); whether anything was
+    copied."""
+    if not keep:
+        if kept.exists():
+            shutil.rmtree(kept)
+        return False
+    kept.mkdir(parents=True, exist_ok=True)
+    copied = [f for f in files if (src / f).is_file() and (
+        not (kept / f).is_file() or (kept / f).read_bytes() != (src / f).read_bytes())]
+    for f in copied:
+        shutil.copyfile(src / f, kept / f)
+    return bool(copied)
 
 
 def restore(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> None:
