@@ -117,3 +117,26 @@ def test_a_pack_written_by_another_process_is_served_fresh(tmp_path):
     other.close()
     now = bank.get("ann")
     torch.testing.assert_close(now, -3 * first)  # R is linear in v: the new v, not the cached stack
+
+
+def test_rows_without_an_adapter_cost_no_adapter_work(tmp_path):
+    """The engine hands the adapter only the rows that have one: a batch of base rows runs no hook math,
+    a mixed batch runs it on its adapted rows alone, and the base rows still equal the plain model."""
+    from tinylora.generation.engine import Engine
+    paths = make_files(tmp_path, 2, "llama")
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, paths)
+    seen = []  # batch size of every per-row adapter computation
+    down = bank.adapter._down
+    bank.adapter._down = lambda i, x: (seen.append(int(x.shape[0] if bank.adapter._row_index is None
+                                                         else len(bank.adapter._row_index))), down(i, x))[1]
+    engine = Engine(model, tok, bank=bank, weights="hooks")
+    prompts = ["t1 t2 t3", "t4 t5", "t6 t7 t8 t9"]
+    base = engine.generate(prompts, max_new_tokens=5, greedy=True, adapters=[None, None, None])
+    assert seen == []
+    mixed = engine.generate(prompts, max_new_tokens=5, greedy=True, adapters=[None, "a1", None])
+    assert seen and set(seen) == {1}
+    assert mixed.completions[0] == base.completions[0] and mixed.completions[2] == base.completions[2]
+    plain, _ = tiny_model_and_tokenizer("llama")
+    ref = Engine(plain, tok, weights="merged").generate(prompts, max_new_tokens=5, greedy=True)
+    assert base.completions == ref.completions

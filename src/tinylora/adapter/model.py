@@ -52,6 +52,7 @@ class Adapter(nn.Module):
         self._originals: list[torch.Tensor] | None = None  # pristine weights, kept by merge(exact=True)
         self.enabled = True
         self._row_R: torch.Tensor | None = None  # [batch, n_modules, r, r] s·R per row, while rows differ
+        self._row_index: torch.Tensor | None = None  # [k] the batch rows _row_R is for (None: all)
         self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._casts: dict = {}  # frozen factors cast to the activations' dtype (see _factor)
@@ -112,6 +113,8 @@ class Adapter(nn.Module):
             if self._row_R is None:  # generation: V·(sR)ᵀ·Σ fused once per v
                 return F.linear(x, self._fused_in(i, x.dtype))  # [..., r]
             if x.dim() == 3:  # per-row adapters: x is [batch, seq, in]
+                if self._row_index is not None:  # only the rows with an adapter
+                    x = x.index_select(0, self._row_index)  # [k, seq, in]
                 RS = self._row_RS(x.dtype)[i]  # [batch, r, r]
                 if RS.shape[0] != x.shape[0]:  # HF generate() may expand rows (num_return_sequences)
                     RS = RS.repeat_interleave(x.shape[0] // RS.shape[0], dim=0)
@@ -127,13 +130,17 @@ class Adapter(nn.Module):
         return h * self._factor(i, "S", x.dtype)  # [..., r]
 
     @contextlib.contextmanager
-    def per_row(self, R: torch.Tensor):
-        """Within this block batch row b runs with R[b] ([batch, n_modules, r, r], s·R), not this adapter's v."""
-        self._row_R = R
+    def per_row(self, R: torch.Tensor, rows: torch.Tensor | None = None):
+        """Within this block batch row b runs with R[b] ([batch, n_modules, r, r], s·R), not this adapter's v.
+        `rows` (without autograd): R is [k, n_modules, r, r] for these k batch rows; the others run the base
+        model and cost no adapter work."""
+        if rows is not None and torch.is_grad_enabled():
+            raise ValueError("per_row(rows=...) is for generation: run it under torch.no_grad()")
+        self._row_R, self._row_index = R, rows
         try:
             yield
         finally:
-            self._row_R = None
+            self._row_R = self._row_index = None
 
     def _row_RS(self, dtype: torch.dtype) -> torch.Tensor:
         """(sR)ᵀ·Σ of every module for every row, [n_modules, batch, r, r]: built once per set of rows, so a
@@ -169,6 +176,8 @@ class Adapter(nn.Module):
         frozen model. One in-place (b)addmm allocates nothing; autograd still checks it is safe."""
         h = self._down(i, x).to(output.dtype)  # [..., r]
         Ut = self._factor(i, "U", output.dtype).T  # [r, out]
+        if self._row_index is not None:  # h holds the adapted rows only: [k, seq, r]
+            return output.index_add_(0, self._row_index, h @ Ut)  # [batch, seq, out]
         if not output.is_contiguous() or output.dim() != h.dim() or output.dim() not in (2, 3):
             return output + h @ Ut
         if output.dim() == 2:

@@ -93,6 +93,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
+        self._active = None  # (row_R, R of the rows with an adapter [k, M, r, r], their indices [k] or None: all)
 
     @contextlib.contextmanager
     def generating(self):
@@ -352,7 +353,22 @@ class Engine:
         return R if R is not None else self.bank.zeros()[None].expand(n, -1, -1, -1)
 
     def _rows(self, R: torch.Tensor | None):
-        return self.adapter.per_row(R) if self.bank is not None else contextlib.nullcontext()
+        """The adapter context of a forward over rows with adapters R [n, M, r, r]: per-row work only for the
+        rows whose R is not zero (a zero R adds exactly nothing), none at all when no row has one."""
+        if self.bank is None:
+            return contextlib.nullcontext()
+        if R is None:
+            return self.adapter.disabled()
+        if self._active is None or self._active[0] is not R:  # R changes only when rows join or leave
+            rows = R.flatten(1).any(dim=1).nonzero().flatten()  # [k]
+            if len(rows) == len(R):
+                self._active = (R, R, None)
+            else:
+                self._active = (R, R.index_select(0, rows), rows)
+        _, R_active, rows = self._active
+        if len(R_active) == 0:
+            return self.adapter.disabled()
+        return self.adapter.per_row(R_active, rows)
 
 
 def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:
