@@ -8,10 +8,12 @@
     python benchmarks/bench.py bank      # 64 rows with 1, 16, 1000 adapters vs PEFT adapter switching
     python benchmarks/bench.py memory    # peak RSS of a training step: tinylora vs LoRA r=1 vs full
     python benchmarks/bench.py serve     # tinylora serve, 32 clients, 1 vs 1,000 adapters vs PEFT set_adapter
+                                         # (--peer llama-server: against llama.cpp, 32 and 512 new tokens)
     python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device)
     python benchmarks/bench.py pack      # a million adapters in one pack: bytes, start-up, memory, throughput
     python benchmarks/bench.py batched   # 8 adapters trained in one batched run vs 8 runs one after another
     python benchmarks/bench.py long      # decode step time against context length: engine KV buffers vs DynamicCache
+                                         # (--peer llama-batched-bench: and llama.cpp on the same model)
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
@@ -58,6 +60,8 @@ def main() -> None:
                    help="adapters the server loads (serve: 1,000; pack: 1,000,000)")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # memory: the child process
     p.add_argument("--device", default="cpu", help="engine: cpu or cuda")
+    p.add_argument("--peer", choices=["llama-batched-bench", "llama-server"], default=None,
+                   help="long: llama-batched-bench; serve: llama-server (llama.cpp, built once: llama_cpp.py)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     args = p.parse_args()
     if args.adapters is None:

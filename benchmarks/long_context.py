@@ -6,11 +6,19 @@ side by side in one run: the engine's (buffers allocated ahead, a step writes on
 DynamicCache as the engine used it before (every step concatenates: the whole cache copied). Reported: the
 median step time around 100, 750 and 1,550 tokens of context, the ratio of the last to the first, and
 decode tokens/s over the run.
+
+With `--peer llama-batched-bench`, the same workload on the embedded default instead of random weights, and
+llama.cpp's `llama-batched-bench` on that model's F32 GGUF (`llama_cpp.py`: the same dequantized weights) with
+as many threads: 16 parallel sequences, the same prompt and new-token lengths; its decode tok/s (S_TG)
+against the engine's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
 import time
 from unittest import mock
 
@@ -48,7 +56,11 @@ def around(times: list[float], context: int) -> float:
 def bench_long(args) -> None:
     rows = args.gen_batch if args.gen_batch != 32 else 16  # this benchmark's default: 16 rows
     new = args.new_tokens if args.new_tokens != 48 else 1600
-    model = random_model(layers=args.layers)
+    if args.peer:
+        from tinylora.models import load_model
+        model, _ = load_model(args.model, "fp32", "cpu")
+    else:
+        model = random_model(layers=args.layers)
     tok = tiny_tokenizer()  # pad/eos ids only: prompts are random ids and end of sequence is ignored
     prompts = torch.randint(1000, 100_000, (rows, PROMPT), generator=torch.Generator().manual_seed(0)).tolist()
     results = {}
@@ -59,12 +71,36 @@ def bench_long(args) -> None:
             times = step_times(engine, prompts, new)
         results[name] = times
     contexts = [c for c in (100, 750, 1550) if c - PROMPT < new]
-    print(f"\nrandom weights of the default model's shape ({args.layers} layers), fp32 on cpu; {rows} rows, "
+    if args.peer:
+        results["llama.cpp llama-batched-bench (F32 GGUF)"] = llama_batched_bench(args.model, rows, new)
+    weights = args.model if args.peer else f"random weights of the default model's shape ({args.layers} layers)"
+    print(f"\n{weights}, fp32 on cpu, {torch.get_num_threads()} threads; {rows} rows, "
           f"{PROMPT}-token prompts, {new} new tokens, greedy, end of sequence ignored; median step (ms) around each "
           "context\n")
+    tok_s = {name: t if isinstance(t, float) else rows * len(t) / sum(t) for name, t in results.items()}
     table(["KV cache", *[f"step @ {c}" for c in contexts], f"@ {contexts[-1]} / @ {contexts[0]}", "decode tok/s"],
           [[name, *[f"{1e3 * around(t, c):.0f}" for c in contexts],
-            f"{around(t, contexts[-1]) / around(t, contexts[0]):.2f}x", f"{rows * len(t) / sum(t):.0f}"]
+            f"{around(t, contexts[-1]) / around(t, contexts[0]):.2f}x", f"{tok_s[name]:.0f}"]
+           if not isinstance(t, float) else [name, *["–"] * len(contexts), "–", f"{t:.0f}"]
            for name, t in results.items()])
-    a, b = (sum(t) for t in results.values())
-    print(f"\nengine buffers vs DynamicCache: {b / a:.2f}x the decode throughput")
+    ours, before, *peer = tok_s.values()
+    print(f"\nengine buffers vs DynamicCache: {ours / before:.2f}x the decode throughput")
+    if peer:
+        print(f"engine vs llama-batched-bench: {ours / peer[0]:.2f}x the decode throughput")
+
+
+def llama_batched_bench(model: str, rows: int, new: int) -> float:
+    """llama.cpp's decode tokens/s (S_TG) for `rows` sequences of PROMPT + `new` tokens, on as many threads."""
+    from llama_cpp import binaries, f32_gguf
+    gguf = f32_gguf(model)
+    threads = str(torch.get_num_threads())
+    cmd = [str(binaries() / "llama-batched-bench"), "-m", str(gguf), "-c", str(rows * (PROMPT + new) + 256),
+           "-b", "2048", "-ub", "512", "-npp", str(PROMPT), "-ntg", str(new), "-npl", str(rows),
+           "-t", threads, "-tb", threads]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
+    # the results table: |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s | ...
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[0]) and int(cells[2]) == rows:
+            return float(cells[7])
+    raise RuntimeError(f"no result row in llama-batched-bench's output:\n{out}")

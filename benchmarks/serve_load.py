@@ -93,6 +93,9 @@ async def drive(port: int, bodies: list[list[dict]]) -> dict:
 
 
 def bench_serve(args) -> None:
+    if args.peer == "llama-server":
+        from serve_peer import bench_serve_peer
+        return bench_serve_peer(args)
     clients, per_client, new = args.clients, args.requests_per_client, args.new_tokens
     work = Path(tempfile.mkdtemp(prefix="tinylora-serve-bench-"))
     model, tok = load_model(args.model, "fp32", "cpu")

@@ -1,0 +1,147 @@
+"""`bench.py serve --peer llama-server`: `tinylora serve` against llama.cpp's `llama-server`, side by side.
+
+Both servers run the embedded default in fp32 (llama.cpp: its GGUF requantized to F32, the same weights;
+see llama_cpp.py) on the same cores, one after the other, under the same clients: `--clients` concurrent
+closed-loop clients streaming greedy completions of exactly N tokens (`ignore_eos`) for the default task's
+chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). Reported per workload:
+completion tok/s over the run, p50/p99 request latency and p50 time to first token.
+  - tinylora: the base model; a different adapter per request (of `--adapters` loaded, u=1, n_tie=16).
+  - llama-server: no adapters (the plain model, `-np` = clients); the same server with 4 of those adapters
+    as LoRA GGUFs (`tinylora export`, then llama.cpp's converter), a different one per request, at N = 32
+    only (mixed LoRAs are slow there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import table
+from llama_cpp import binaries, f32_gguf, lora_gguf
+from serve_load import free_port, start, stop
+
+from tinylora import AdapterConfig, attach, save_adapter
+from tinylora.export import export_peft
+from tinylora.models import load_model
+from tinylora.tasks.prompts import chat_prompts
+
+LENGTHS = (32, 512)
+LLAMA_LORAS = 4
+
+
+async def drive_streaming(port: int, bodies: list[list[dict]]) -> dict:
+    """bodies[c] = client c's requests, streamed one after another; all clients at once."""
+    import httpx
+    latencies, first, tokens = [], [], 0
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=3600,
+                                 limits=httpx.Limits(max_connections=len(bodies) + 4)) as http:
+        (await http.post("/completions", json={**bodies[0][0], "max_tokens": 2})).raise_for_status()  # warm-up
+
+        async def one(body) -> None:
+            nonlocal tokens
+            t, got, counted = time.perf_counter(), None, None
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", "/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if got is None and any(c.get("text") for c in chunk.get("choices") or []):
+                        got = time.perf_counter() - t
+                    if chunk.get("usage"):
+                        counted = chunk["usage"]["completion_tokens"]
+            latencies.append(time.perf_counter() - t)
+            first.append(got if got is not None else latencies[-1])
+            tokens += counted if counted is not None else body["max_tokens"]  # ignore_eos: exactly max_tokens
+
+        async def client(mine):
+            for body in mine:
+                await one(body)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(m) for m in bodies))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"requests": len(latencies), "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
+            "p50": statistics.median(latencies), "p99": q[98], "ttft": statistics.median(first)}
+
+
+def bench_serve_peer(args) -> None:
+    clients = args.clients
+    work = Path(tempfile.mkdtemp(prefix="tinylora-peer-bench-"))
+    model, tok = load_model(args.model, "fp32", "cpu")
+    from tinylora.api import DataConfig
+    prompts = chat_prompts(tok, [p.question for p in DataConfig().problems("test", clients * args.requests_per_client)])
+    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
+    ours, loras = work / "ours", []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in range(args.adapters):
+            adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
+            save_adapter(adapter, ours / f"a{k:04d}.safetensors")
+            if k < LLAMA_LORAS:
+                export_peft(adapter, work / f"peft{k}")
+    adapter.detach()
+    del model
+    for k in range(LLAMA_LORAS):
+        loras.append(lora_gguf(work / f"peft{k}", args.model, work / f"lora{k}.gguf"))
+    gguf, bin_dir = f32_gguf(args.model), binaries()
+    threads = str(torch.get_num_threads())
+
+    def plan(new: int, per_client: int, extra) -> list[list[dict]]:
+        return [[{"prompt": prompts[c * per_client + j], "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                  **extra(c * per_client + j)} for j in range(per_client)] for c in range(clients)]
+
+    distinct = lambda i: {"model": f"a{(i * 7919) % args.adapters:04d}"}  # noqa: E731
+    results = {}
+    port = free_port()
+    proc = start([sys.executable, "-m", "tinylora", "serve", "--model", args.model, "--served-model-name", "base",
+                  "--adapters", str(ours), "--port", str(port), "--max-batch", str(clients),
+                  "--log-level", "warning"], port)
+    try:
+        for new in LENGTHS:
+            per = args.requests_per_client if new <= 32 else 1
+            results[("tinylora serve: base model", new)] = asyncio.run(
+                drive_streaming(port, plan(new, per, lambda i: {"model": "base"})))
+            results[(f"tinylora serve: a different adapter per request (of {args.adapters:,})", new)] = \
+                asyncio.run(drive_streaming(port, plan(new, per, distinct)))
+    finally:
+        stop(proc)
+    port = free_port()
+    context = clients * (max(len(tok(p).input_ids) for p in prompts) + max(LENGTHS) + 16)
+    cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(clients), "-c", str(context), "-t", threads, "-tb", threads, "--no-webui"]
+    proc = start(cmd, port)  # no --lora at all: the plain model's graph
+    try:
+        for new in LENGTHS:
+            per = args.requests_per_client if new <= 32 else 1
+            results[("llama-server: no adapter", new)] = asyncio.run(drive_streaming(port, plan(new, per, lambda i: {})))
+    finally:
+        stop(proc)
+    port = free_port()
+    cmd[cmd.index("--port") + 1] = str(port)
+    proc = start([*cmd, *[x for lora in loras for x in ("--lora", str(lora))], "--lora-init-without-apply"], port)
+    try:
+        new, per = min(LENGTHS), args.requests_per_client
+        results[(f"llama-server: {LLAMA_LORAS} LoRAs mixed, one per request", new)] = asyncio.run(
+            drive_streaming(port, plan(new, per, lambda i: {"lora": [{"id": i % LLAMA_LORAS, "scale": 1.0}]})))
+    finally:
+        stop(proc)
+
+    print(f"\n{args.model}, fp32 on {threads} threads (llama.cpp: F32 GGUF); {clients} concurrent streaming clients, "
+          f"greedy, exactly N new tokens per request; adapters u=1, n_tie=16\n")
+    table(["server and workload", "N", "requests", "tok/s", "p50 s", "p99 s", "TTFT p50 s"],
+          [[name, new, r["requests"], f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['ttft']:.2f}"]
+           for (name, new), r in results.items()])
+    for new in LENGTHS:
+        ours_r = next(r for (name, n), r in results.items() if n == new and "different adapter" in name)
+        peer_r = results[("llama-server: no adapter", new)]
+        print(f"N = {new}: tinylora with a different adapter per request / llama-server without adapters: "
+              f"{ours_r['tok_s'] / peer_r['tok_s']:.2f}x")
