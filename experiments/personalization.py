@@ -1,15 +1,18 @@
 """Personalization: simulated users, each with a preferred answer style, one tiny adapter each, trained together.
 
 Every user asks arithmetic questions (levels 1-2, their own seed) and likes one of two styles:
-  worked: the right answer after the calculation ("17 + 5 = 22" then "#### 22"),
-  direct: the right answer at once, no calculation (just "#### 22").
-The base model writes both, more often the first (the default instruction asks for a calculation line), so
-each user's adapter has something to move toward. The reward is 1 for a right answer (the "####" line) in the
-user's style, else 0.
+  worked: the calculation, then the answer line ("17 + 5 = 22" then "#### 22"),
+  direct: the answer line alone ("#### 22").
+Each question carries one instruction that allows both (INSTRUCTION: "You may show the calculation first"),
+so nothing in the prompt says which the user wants: the adapter has to learn it. The base model answers
+directly about 4 times in 5 and shows the calculation about 1 in 5, so both kinds of user have something to
+move toward. The reward is 1 for a "#### <number>" answer line in the user's style, else 0; the number is
+not checked (the preference is about form: correctness is the arithmetic task's own reward).
 
-    python experiments/personalization.py data runs/users.jsonl --users 256
-    tinylora train --data runs/users.jsonl --adapter-column user --reward experiments/personalization.py:liked \\
-        --eval-n 4 --steps 8 --batch-prompts 2 --group-size 4 --out runs/personalization
+    python experiments/personalization.py data runs/users.jsonl --users 200
+    tinylora train --data runs/users.jsonl --adapter-column user --suffix '' \
+        --reward experiments/personalization.py:liked --eval-n 4 --steps 6 --batch-prompts 2 --group-size 4 \
+        --lr 0.1 --out runs/personalization
     tinylora serve --adapters runs/personalization/adapters.pack       # "model": "user0007"
     python experiments/personalization.py report runs/personalization  # reward by style, before and after
 
@@ -24,9 +27,11 @@ import random
 from pathlib import Path
 
 from tinylora.tasks.arithmetic import generate
-from tinylora.tasks.rewards import strict_reward
+from tinylora.tasks.rewards import format_reward
 
 STYLES = ("worked", "direct")
+INSTRUCTION = ("\nYou may show the calculation first. Give the final answer on the last line as "
+               "\"#### <number>\".")
 
 
 def in_style(completion: str, style: str) -> bool:
@@ -36,8 +41,8 @@ def in_style(completion: str, style: str) -> bool:
 
 
 def liked(completions, answer, style, **columns) -> list[float]:
-    """The reward: the right answer, in the user's style."""
-    return [float(strict_reward(c, a) == 1.0 and in_style(c, s)) for c, a, s in zip(completions, answer, style)]
+    """The reward: an answer line ("#### <number>") in the user's style."""
+    return [float(format_reward(c, a) == 1.0 and in_style(c, s)) for c, a, s in zip(completions, answer, style)]
 
 
 def write_users(path: Path, users: int, rows: int, seed: int) -> None:
@@ -46,7 +51,8 @@ def write_users(path: Path, users: int, rows: int, seed: int) -> None:
     for u in range(users):
         style = STYLES[u % len(STYLES)]
         for p in generate(rows, seed=seed * 100_003 + u, levels=(1, 2)):
-            lines.append({"user": f"user{u:04d}", "style": style, "question": p.question, "answer": p.answer})
+            lines.append({"user": f"user{u:04d}", "style": style, "question": p.question + INSTRUCTION,
+                          "answer": p.answer})
     random.Random(seed).shuffle(lines)  # users' rows interleaved, as a log would have them
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -226,10 +226,12 @@ def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, tor
     return rows
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("arch", FULL_ATTENTION)
-def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch):
+def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk):
     """The server's way: rows with their own adapters join between decode steps (left-padding the shorter KV
-    cache), leave when done (the cache trimmed), and wait for a slot (max_batch=3)."""
+    cache), leave when done (the cache trimmed), and wait for a slot (max_batch=3); with `chunk`, joining
+    prompts go through the model 2 columns per step while the running rows decode."""
     model, tok, bank, alone = bank_and_references(arch)
     # (step it arrives, prompt, adapter, max_new_tokens)
     plan = [(0, 2, "alpha", 10), (0, 3, None, 4), (1, 0, "delta", 12), (2, 1, "gamma", 3), (2, 5, "beta", 9),
@@ -240,7 +242,7 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch):
     refs = [hf_greedy(alone[w], ids[k], n) for _, k, w, n in plan]
     eos = set(eos_list(model))
     assert any(r[-1] in eos for r in refs) and any(not eos & set(r) for r in refs), refs
-    engine = Engine(model, tok, bank=bank, max_batch=3)
+    engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=chunk)
     schedule = {}
     for t, k, w, n in plan:
         schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
@@ -349,3 +351,25 @@ def test_server_concurrent_requests_and_an_inline_adapter_equal_generate(served)
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(one, jobs))
     assert answers == [served.expected(a, served.tok(PROMPTS[k]).input_ids, n) for k, a, n in jobs]
+
+
+def test_a_long_prompt_joins_in_chunks_without_stalling_the_running_rows():
+    """A 7-token prompt joining with prefill_chunk=2 takes 4 steps to join; every running row gets a token in
+    each of them; and every row's tokens are still generate's."""
+    model, tok = base_model("llama")
+    short, long_ = ids_of(tok, PROMPTS[3]), ids_of(tok, PROMPTS[2])
+    assert len(long_) == 7
+    refs = [hf_greedy(model, short, N), hf_greedy(model, long_, 5)]
+    engine = Engine(model, tok, weights="hooks", prefill_chunk=2)
+    with engine.generating():
+        first = engine.add(short, Sampling(max_new_tokens=N, temperature=0))[0]
+        engine.step()
+        late = engine.add(long_, Sampling(max_new_tokens=5, temperature=0))[0]
+        counts = []
+        while not late.tokens:
+            engine.step()
+            counts.append(len(first.tokens))
+        while not engine.idle:
+            engine.step()
+    assert counts == [2, 3, 4, 5]  # 4 chunks of the 7 columns; the first row got a token each step
+    assert [first.tokens, late.tokens] == refs

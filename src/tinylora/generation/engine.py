@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, completion_mask, eos_ids
-from tinylora.generation.kv import in_slots, join_rows, prefill, shift_columns, with_cache
+from tinylora.generation.kv import Prefill, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
 
 
@@ -64,10 +64,12 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer, *, weights="auto", adapter=None, exact: bool = False, bank=None,
-                 max_batch: int = 64):
+                 max_batch: int = 64, prefill_chunk: int | None = 256):
         """`weights`: a GenerationWeights, or a choice for `cpu_weights.for_generation` ('auto', 'packed',
         'merged', 'hooks', 'int8'; `exact`: a merge is undone bit for bit).
         `bank`: an AdapterBank; every row then runs its own adapter (Sequence.R), the base where it has none.
+        `prefill_chunk`: while rows are decoding, joining prompts go through the model this many columns per
+        step (None: whole), so a long prompt delays each running row's next token by one chunk's forward.
         """
         self.model, self.tokenizer = model, tokenizer
         self.bank = bank
@@ -82,14 +84,22 @@ class Engine:
         self.eos = set(eos_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.compact = True  # trim KV columns no row attends to (off inside `generate`: bit-for-bit rollouts)
         self.waiting: collections.deque[list[Sequence]] = collections.deque()  # groups sharing one prefill
         self.shared: list[torch.Generator] | None = None  # inside `generate`: the seeded streams rows draw from
         self._generating = False
+        self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
+        self.reset()
+
+    def drop_all(self) -> None:
+        """Forget every row: running, part way through its prefill, and waiting."""
+        self.waiting.clear()
+        self.joining = None
         self.reset()
 
     def reset(self) -> None:
-        """Drop every running row and the KV cache (waiting requests stay queued)."""
+        """Drop every running row and the KV cache (rows waiting or part way through their prefill stay)."""
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
@@ -110,7 +120,12 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.waiting
+        return not self.running and not self.waiting and self.joining is None
+
+    def live(self) -> list[Sequence]:
+        """Every row not yet retired: running, part way through its prefill, or waiting."""
+        joining = [s for g in self.joining[0] for s in g] if self.joining is not None else []
+        return [*self.running, *joining, *(s for g in self.waiting for s in g)]
 
     # ---- the step API -------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], sampling: Sampling, *, R: torch.Tensor | None = None,
@@ -198,42 +213,46 @@ class Engine:
                     self.step()
         finally:
             self.compact, self.max_batch, self.shared = True, limit, None
-            self.waiting.clear()
-            self.reset()
+            self.drop_all()
         seqs = [s for g in groups for s in g]
         return _as_rollout(seqs, self.tokenizer, self.pad, self.eos, with_logprobs and not greedy).to(self.device)
 
     # ---- inside a step -------------------------------------------------------------------------
     def _admit(self) -> None:
-        room = self.max_batch - len(self.running)
-        groups = []
-        while self.waiting and (len(self.waiting[0]) <= room or not (self.running or groups)):
-            g = [s for s in self.waiting.popleft() if not s.done]  # cancelled while waiting: dropped
-            if g:
-                groups.append(g)
-                room -= len(g)
-        if not groups:
-            return
-        P = max(len(g[0].prompt) for g in groups)
-        ids = torch.full((len(groups), P), self.pad, dtype=torch.long)  # [b, P] left-padded
-        mask = torch.zeros(len(groups), P, dtype=torch.long)  # [b, P]
-        for i, g in enumerate(groups):
-            ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
-            mask[i, P - len(g[0].prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        R = self._stack_R([g[0] for g in groups])  # [b, M, r, r] or None
-        sizes = [len(g) for g in groups]
-        repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
+        """Start prefilling waiting groups (or go on with those part way through); join them once done."""
+        if self.joining is None:
+            groups = self._take_waiting()
+            if not groups:
+                return
+            P = max(len(g[0].prompt) for g in groups)
+            ids = torch.full((len(groups), P), self.pad, dtype=torch.long)  # [b, P] left-padded
+            mask = torch.zeros(len(groups), P, dtype=torch.long)  # [b, P]
+            for i, g in enumerate(groups):
+                ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
+                mask[i, P - len(g[0].prompt):] = 1
+            chunk = self.prefill_chunk if self.running else None  # nobody waits on an idle engine
+            run = Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk)
+            self.joining = (groups, run, self._stack_R([g[0] for g in groups]))  # R: [b, M, r, r] or None
+        groups, run, R = self.joining
         try:
             with self._rows(R):
-                logits, cache, mask, pos = prefill(self.model, ids, mask, repeats)  # [b·k, 1, V], ..., [b·k, P]
+                logits = run.advance()  # [b, 1, V]
+                while not run.finished and not self.running:  # the rows it was sparing have all left
+                    logits = run.advance()
         except (RuntimeError, MemoryError):  # e.g. out of memory: these rows fail, the running batch goes on
+            self.joining = None
             if self.shared is not None:  # a `generate` call: its caller should see the error
                 raise
             for g in groups:
                 for s in g:
                     s.finish_reason = "error"
             return
+        if not run.finished:
+            return
+        self.joining = None
+        sizes = [len(g) for g in groups]
+        repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
+        logits, cache, mask, pos = run.result(logits, repeats)  # [b·k, 1, V], ..., [b·k, P]
         if repeats == 1 and max(sizes) > 1:
             idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
             cache.batch_select_indices(idx.to(self.device))
@@ -251,6 +270,17 @@ class Engine:
             self.cache = in_slots(self.cache)
         else:
             self._join(new, *state)
+
+    def _take_waiting(self) -> list[list[Sequence]]:
+        """The waiting groups that fit in the batch now (always the first one into an empty batch)."""
+        room = self.max_batch - len(self.running)
+        groups = []
+        while self.waiting and (len(self.waiting[0]) <= room or not (self.running or groups)):
+            g = [s for s in self.waiting.popleft() if not s.done]  # cancelled while waiting: dropped
+            if g:
+                groups.append(g)
+                room -= len(g)
+        return groups
 
     def _join(self, new, cache, mask, next_pos, logits, R) -> None:
         """Append admitted rows to the running batch, left-padding whichever KV cache is shorter."""

@@ -26,15 +26,43 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     and position ids [b·repeats, P] (positions follow the mask, as in generate()). Under autograd the
     cache keeps its graph, so gradients from every repeat flow back through the one prompt pass.
     """
-    from transformers import DynamicCache
-    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(model, cache),
-                   logits_to_keep=1).logits  # [b, 1, V]
-    if repeats > 1:
-        cache.batch_repeat_interleave(repeats)
-        logits, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, pos))  # [b·repeats, ...]
-    return logits, cache, mask, pos
+    run = Prefill(model, ids, mask)
+    logits = run.advance()
+    return run.result(logits, repeats)
+
+
+class Prefill:
+    """Left-padded prompts [b, P] through the model `chunk` columns per `advance()` (None: all at once), so that
+    an engine step can take one chunk and the rows already decoding wait one chunk, not the whole prompt."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None = None):
+        from transformers import DynamicCache
+        self.model, self.ids, self.mask = model, ids, mask
+        self.pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
+        self.cache = DynamicCache(config=model.config)
+        self.chunk = chunk or ids.shape[1]
+        self.done = 0  # columns through the model so far
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.ids.shape[1]
+
+    def advance(self) -> torch.Tensor:
+        """The next chunk's forward; the logits of its last position [b, 1, V]."""
+        end = min(self.done + self.chunk, self.ids.shape[1])
+        logits = self.model(input_ids=self.ids[:, self.done:end], attention_mask=self.mask[:, :end],
+                            position_ids=self.pos[:, self.done:end], **with_cache(self.model, self.cache),
+                            logits_to_keep=1).logits  # [b, 1, V]
+        self.done = end
+        return logits
+
+    def result(self, logits: torch.Tensor, repeats: int = 1):
+        """(logits [b·repeats, 1, V], cache, mask, position ids [b·repeats, P]) once finished."""
+        cache, mask, pos = self.cache, self.mask, self.pos
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, pos))  # [b·repeats, ...]
+        return logits, cache, mask, pos
 
 
 def cache_layers(cache) -> list:

@@ -72,7 +72,8 @@ class Server:
         self.name, self.model, self.tokenizer, self.bank = name, model, tokenizer, bank
         self.api_key, self.allow_runtime_adapters = api_key, allow_runtime_adapters
         self.limits = limits or Limits()
-        self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch)
+        self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch,
+                             prefill_chunk=self.limits.prefill_chunk or None)
         self.worker = Worker(self.engine, self.limits.max_queue, admit_wait=self.limits.admit_wait_ms / 1000)
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab = model.config.vocab_size

@@ -175,7 +175,7 @@ class Worker:
 
     def _close_cancelled(self) -> None:
         """Rows cancelled (running or still waiting) leave the engine without a token: close them here."""
-        live = {id(s) for s in self.engine.running} | {id(s) for g in self.engine.waiting for s in g}
+        live = {id(s) for s in self.engine.live()}
         for key in [k for k in self.owner if k not in live]:
             job, j = self.owner[key]
             job.emit(("token", job.base + j, None, job.seqs[j].finish_reason or "abort"))
@@ -186,8 +186,7 @@ class Worker:
             job, j = self.owner[key]
             job.emit(("error", job.base + j, None, f"{type(error).__name__}: {error}"))
             self._close(job.seqs[j])
-        self.engine.waiting.clear()
-        self.engine.reset()
+        self.engine.drop_all()
 
 
 def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
