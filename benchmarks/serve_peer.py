@@ -122,7 +122,8 @@ def bench_serve_peer(args) -> None:
     try:
         for new in LENGTHS:
             per = args.requests_per_client if new <= 32 else 1
-            results[("llama-server: no adapter", new)] = asyncio.run(drive_streaming(port, plan(new, per, lambda i: {})))
+            bodies = plan(new, per, lambda i: {})
+            results[("llama-server: no adapter", new)] = asyncio.run(drive_streaming(port, bodies))
     finally:
         stop(proc)
     port = free_port()

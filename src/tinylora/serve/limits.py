@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+ZERO_ALLOWED = ("max_prompt_tokens", "prefill_chunk", "admit_wait_ms")
+
 
 @dataclass
 class Limits:
@@ -22,7 +24,7 @@ class Limits:
 
     def __post_init__(self):
         for f in fields(self):
-            value, least = getattr(self, f.name), 0 if f.name in ("max_prompt_tokens", "prefill_chunk", "admit_wait_ms") else 1
+            value, least = getattr(self, f.name), 0 if f.name in ZERO_ALLOWED else 1
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{f.name}={value!r} is invalid (--{f.name.replace('_', '-')}): "
                                  f"expected an integer >= {least}")
