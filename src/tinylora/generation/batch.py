@@ -57,3 +57,26 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> torch.Tenso
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # [N, C]
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # [N, C] strictly after the first EOS
     return (~after_eos).long()
+
+
+def rollout_of(seqs: list, tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:
+    """Finished rows (the Engine's Sequences: prompt, tokens, logprobs) as one left-padded prompt +
+    right-padded completion batch."""
+    P = max(len(s.prompt) for s in seqs)
+    C = max(len(s.tokens) for s in seqs)
+    N = len(seqs)
+    prompt_ids = torch.full((N, P), pad, dtype=torch.long)  # [N, P]
+    prompt_mask = torch.zeros(N, P, dtype=torch.long)  # [N, P]
+    tokens = torch.full((N, C), pad, dtype=torch.long)  # [N, C]
+    logps = torch.zeros(N, C)  # [N, C]
+    for i, s in enumerate(seqs):
+        prompt_ids[i, P - len(s.prompt):] = torch.tensor(s.prompt)
+        prompt_mask[i, P - len(s.prompt):] = 1
+        tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
+        if s.logprobs:
+            logps[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
+    cmask = completion_mask(tokens, sorted(eos))  # [N, C]
+    texts = tokenizer.batch_decode(tokens.masked_fill(cmask == 0, pad), skip_special_tokens=True)
+    return Rollout(input_ids=torch.cat([prompt_ids, tokens], dim=1),
+                   attention_mask=torch.cat([prompt_mask, cmask], dim=1), completion_mask=cmask,
+                   prompt_len=P, completions=texts, logp_rollout=logps * cmask if with_logprobs else None)

@@ -12,12 +12,15 @@ The running batch's KV cache lives in buffers allocated ahead (`kv.in_slots`): a
 column in place, so its cost is the attention's own, not a copy of the whole cache. Joining rows are
 written right-aligned into free rows (positions follow each row's own mask, so padding changes nothing but
 memory); leaving compacts the rows and, for long-lived batches, trims columns that no row attends to any
-more: only joins and departures copy. Sampling draws exactly from softmax(logits / T) (optionally
-top-p), by inverse CDF from one uniform per row: inside `generate` (rollouts) from seeded streams, one for
-the whole call or one per run sharing the batch (each stream's rows draw what they would alone), or from each
-row's own seeded generator (server requests), so a request's tokens do not depend on its neighbours.
-Backends that generate elsewhere (vLLM fed the exact LoRA export) would
-replace `step`; everything else talks to `add`/`step`/`cancel` or `generate`.
+more: only joins and departures copy. While rows decode, joining prompts go through the model one
+`prefill_chunk` of columns per step, so a long prompt delays the running rows by a chunk, not its whole
+prefill. With a bank, only rows that have an adapter cost adapter work (a zero R adds nothing).
+
+Sampling draws exactly from softmax(logits / T) (optionally top-p), by inverse CDF from one uniform per row:
+inside `generate` (rollouts) from seeded streams, one for the whole call or one per run sharing the batch
+(each stream's rows draw what they would alone), or from each row's own seeded generator (server requests),
+so a request's tokens do not depend on its neighbours. Backends that generate elsewhere (vLLM fed the exact
+LoRA export) would replace `step`; everything else talks to `add`/`step`/`cancel` or `generate`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
-from tinylora.generation.batch import Rollout, completion_mask, eos_ids
+from tinylora.generation.batch import Rollout, eos_ids, rollout_of
 from tinylora.generation.kv import Prefill, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
 
@@ -215,7 +218,7 @@ class Engine:
             self.compact, self.max_batch, self.shared = True, limit, None
             self.drop_all()
         seqs = [s for g in groups for s in g]
-        return _as_rollout(seqs, self.tokenizer, self.pad, self.eos, with_logprobs and not greedy).to(self.device)
+        return rollout_of(seqs, self.tokenizer, self.pad, self.eos, with_logprobs and not greedy).to(self.device)
 
     # ---- inside a step -------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -399,28 +402,6 @@ class Engine:
         if len(R_active) == 0:
             return self.adapter.disabled()
         return self.adapter.per_row(R_active, rows)
-
-
-def _as_rollout(seqs: list[Sequence], tokenizer, pad: int, eos: set[int], with_logprobs: bool) -> Rollout:
-    """Finished rows as one left-padded prompt + right-padded completion batch."""
-    P = max(len(s.prompt) for s in seqs)
-    C = max(len(s.tokens) for s in seqs)
-    N = len(seqs)
-    prompt_ids = torch.full((N, P), pad, dtype=torch.long)  # [N, P]
-    prompt_mask = torch.zeros(N, P, dtype=torch.long)  # [N, P]
-    tokens = torch.full((N, C), pad, dtype=torch.long)  # [N, C]
-    logps = torch.zeros(N, C)  # [N, C]
-    for i, s in enumerate(seqs):
-        prompt_ids[i, P - len(s.prompt):] = torch.tensor(s.prompt)
-        prompt_mask[i, P - len(s.prompt):] = 1
-        tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
-        if s.logprobs:
-            logps[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
-    cmask = completion_mask(tokens, sorted(eos))  # [N, C]
-    texts = tokenizer.batch_decode(tokens.masked_fill(cmask == 0, pad), skip_special_tokens=True)
-    return Rollout(input_ids=torch.cat([prompt_ids, tokens], dim=1),
-                   attention_mask=torch.cat([prompt_mask, cmask], dim=1), completion_mask=cmask,
-                   prompt_len=P, completions=texts, logp_rollout=logps * cmask if with_logprobs else None)
 
 
 @torch.no_grad()
