@@ -4,8 +4,8 @@
 64-token prompts, on a random-weight model of the default model's shape, through `Engine.step()`. Two caches,
 side by side in one run: the engine's (buffers allocated ahead, a step writes one column) and transformers'
 DynamicCache as the engine used it before (every step concatenates: the whole cache copied). Reported: the
-median step time around 100, 750 and 1,550 tokens of context, the ratio of the last to the first, and
-decode tokens/s over the run.
+median step time around 100, 750, 1,550 and 4,096 tokens of context (those the run reaches), the ratio of the
+last to the first, and decode tokens/s over the run.
 
 With `--peer llama-batched-bench`, the same workload on the embedded default instead of random weights, and
 llama.cpp's `llama-batched-bench` on that model's F32 GGUF (`llama_cpp.py`: the same dequantized weights) with
@@ -70,7 +70,7 @@ def bench_long(args) -> None:
         with mock.patch.object(engine_module, "in_slots", patch) if patch else contextlib.nullcontext():
             times = step_times(engine, prompts, new)
         results[name] = times
-    contexts = [c for c in (100, 750, 1550) if c - PROMPT < new]
+    contexts = [c for c in (100, 750, 1550, 4096) if c - PROMPT < new]
     if args.peer:
         results["llama.cpp llama-batched-bench (F32 GGUF)"] = llama_batched_bench(args.model, rows, new)
     weights = args.model if args.peer else f"random weights of the default model's shape ({args.layers} layers)"
