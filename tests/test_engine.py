@@ -127,6 +127,23 @@ def test_cancelled_rows_leave_and_the_rest_continue():
         assert row.tokens == trimmed(alone(None, x, max_new_tokens=10, greedy=True), tok.eos_token_id)
 
 
+def test_a_row_cancelled_during_its_chunked_prefill_leaves_without_a_token():
+    model, tok = tiny_model_and_tokenizer("llama")
+    engine = Engine(model, tok, prefill_chunk=2)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS[:3]]
+    first = engine.add(ids[0], Sampling(max_new_tokens=8, temperature=0))[0]
+    with engine.generating():
+        engine.step()
+        late = engine.add(ids[2], Sampling(max_new_tokens=8, temperature=0))[0]  # 7 tokens: 4 chunks
+        engine.step()
+        assert late in engine.live() and late not in engine.running  # part way through its prefill
+        engine.cancel(late)
+        while not engine.idle:
+            engine.step()
+    assert late.tokens == [] and late.finish_reason == "abort" and late not in engine.live()
+    assert first.tokens == trimmed(alone(None, PROMPTS[0], max_new_tokens=8, greedy=True), tok.eos_token_id)
+
+
 def test_generate_uses_the_bank_per_prompt(tmp_path):
     paths = adapter_files(tmp_path)
     model, tok = tiny_model_and_tokenizer("llama")

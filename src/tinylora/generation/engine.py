@@ -158,6 +158,7 @@ class Engine:
         Returns the rows that got a token this step (finished ones included)."""
         self._retire()  # rows cancelled since the last step
         self._admit()
+        self._retire()  # rows cancelled while their prompt went through the model, now joined
         if not self.running:
             return []
         finite = torch.isfinite(self.logits).all(dim=-1)  # [n]
