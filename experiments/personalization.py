@@ -35,7 +35,8 @@ INSTRUCTION = ("\nYou may show the calculation first. Give the final answer on t
 
 
 def in_style(completion: str, style: str) -> bool:
-    """worked: a calculation ("=") before the answer line; direct: none."""
+    """worked: an "=" before the first "####" (a calculation shown); direct: none. A simulated user's
+    preference, checked loosely: text after the answer line is not looked at."""
     shown = "=" in completion.split("####")[0]
     return shown if style == "worked" else not shown
 
@@ -69,6 +70,8 @@ def report(run: Path) -> None:
         style[row["user"]] = row["style"]
     for s in (None, *STYLES):
         users = [u for u in final if s is None or style[u] == s]
+        if not users:
+            continue
         b = sum(base[u] for u in users) / len(users)
         f = sum(final[u] for u in users) / len(users)
         better = sum(final[u] > base[u] for u in users)

@@ -140,3 +140,20 @@ def test_rows_without_an_adapter_cost_no_adapter_work(tmp_path):
     plain, _ = tiny_model_and_tokenizer("llama")
     ref = Engine(plain, tok, weights="merged").generate(prompts, max_new_tokens=5, greedy=True)
     assert base.completions == ref.completions
+
+
+def test_an_adapted_rows_output_does_not_depend_on_its_neighbours_having_adapters(tmp_path):
+    """bf16, where a second rounding shows: a row's logits next to a base row equal those next to an adapted one."""
+    from tinylora.generation.engine import Engine
+    paths = make_files(tmp_path, 2, "llama")
+    model, tok = tiny_model_and_tokenizer("llama")
+    model = model.to(torch.bfloat16)
+    bank = AdapterBank(model, paths)
+    engine = Engine(model, tok, bank=bank, weights="hooks")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for other in ("a1", None):
+        R = torch.stack([bank.get("a0"), bank.get(other) if other else bank.zeros()])
+        with torch.no_grad(), engine._rows(R):
+            logits[other] = model(input_ids=ids).logits[0]
+    assert torch.equal(logits["a1"], logits[None])

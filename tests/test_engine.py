@@ -144,6 +144,25 @@ def test_a_row_cancelled_during_its_chunked_prefill_leaves_without_a_token():
     assert first.tokens == trimmed(alone(None, PROMPTS[0], max_new_tokens=8, greedy=True), tok.eos_token_id)
 
 
+def test_a_short_prompt_does_not_queue_behind_a_long_one_in_chunks():
+    model, tok = tiny_model_and_tokenizer("llama")
+    engine = Engine(model, tok, prefill_chunk=2)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS[:4]]
+    first = engine.add(ids[0], Sampling(max_new_tokens=12, temperature=0))[0]
+    with engine.generating():
+        engine.step()
+        long_ = engine.add(ids[2], Sampling(max_new_tokens=4, temperature=0))[0]  # 7 tokens: 4 chunks
+        engine.step()
+        short = engine.add(ids[3], Sampling(max_new_tokens=4, temperature=0))[0]  # 1 token: one chunk
+        engine.step()
+        assert len(short.tokens) == 1 and long_.tokens == []  # joined beside the long prompt's chunks
+        while not engine.idle:
+            engine.step()
+    for x, row in ((PROMPTS[0], first), (PROMPTS[2], long_), (PROMPTS[3], short)):
+        n = row.sampling.max_new_tokens
+        assert row.tokens == trimmed(alone(None, x, max_new_tokens=n, greedy=True), tok.eos_token_id)
+
+
 def test_generate_uses_the_bank_per_prompt(tmp_path):
     paths = adapter_files(tmp_path)
     model, tok = tiny_model_and_tokenizer("llama")

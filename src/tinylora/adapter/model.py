@@ -177,7 +177,9 @@ class Adapter(nn.Module):
         h = self._down(i, x).to(output.dtype)  # [..., r]
         Ut = self._factor(i, "U", output.dtype).T  # [r, out]
         if self._row_index is not None:  # h holds the adapted rows only: [k, seq, r]
-            return output.index_add_(0, self._row_index, h @ Ut)  # [batch, seq, out]
+            mine = output.index_select(0, self._row_index)  # [k, seq, out]
+            mine.view(-1, mine.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Ut)  # rounded as with every row
+            return output.index_copy_(0, self._row_index, mine)
         if not output.is_contiguous() or output.dim() != h.dim() or output.dim() not in (2, 3):
             return output + h @ Ut
         if output.dim() == 2:

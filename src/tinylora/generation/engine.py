@@ -106,7 +106,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
-        self._active = None  # (row_R, R of the rows with an adapter [k, M, r, r], their indices [k] or None: all)
+        self._active = {}  # id(R) -> (R, R of the rows with an adapter [k, M, r, r], their indices [k] or None: all)
 
     @contextlib.contextmanager
     def generating(self):
@@ -223,40 +223,57 @@ class Engine:
 
     # ---- inside a step -------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Start prefilling waiting groups (or go on with those part way through); join them once done."""
+        """Start prefilling waiting groups (or go on with those part way through); join them once done. While a
+        long prompt goes through in chunks, waiting prompts no longer than a chunk are prefilled whole beside it,
+        so they do not queue behind it."""
+        if any(s.done for g in self.waiting for s in g):  # rows cancelled while waiting leave now
+            kept = ([s for s in g if not s.done] for g in self.waiting)
+            self.waiting = collections.deque(g for g in kept if g)
+        if self.joining is not None and all(s.done for g in self.joining[0] for s in g):
+            self.joining = None  # every row it was for has been cancelled
         if self.joining is None:
             groups = self._take_waiting()
-            if not groups:
-                return
-            P = max(len(g[0].prompt) for g in groups)
-            ids = torch.full((len(groups), P), self.pad, dtype=torch.long)  # [b, P] left-padded
-            mask = torch.zeros(len(groups), P, dtype=torch.long)  # [b, P]
-            for i, g in enumerate(groups):
-                ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
-                mask[i, P - len(g[0].prompt):] = 1
-            chunk = self.prefill_chunk if self.running else None  # nobody waits on an idle engine
-            run = Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk)
-            self.joining = (groups, run, self._stack_R([g[0] for g in groups]))  # R: [b, M, r, r] or None
-        groups, run, R = self.joining
+            if groups:  # nobody waits on an idle engine: whole prompts then
+                self.joining = self._prefill(groups, self.prefill_chunk if self.running else None)
+        elif self.prefill_chunk:
+            short = self._take_waiting(longest=self.prefill_chunk)
+            if short:
+                self._advance(self._prefill(short, None))
+        if self.joining is not None and self._advance(self.joining):
+            self.joining = None
+
+    def _prefill(self, groups: list[list[Sequence]], chunk: int | None) -> tuple:
+        """(groups, Prefill of their left-padded prompts, their R [b, M, r, r] or None)."""
+        P = max(len(g[0].prompt) for g in groups)
+        ids = torch.full((len(groups), P), self.pad, dtype=torch.long)  # [b, P] left-padded
+        mask = torch.zeros(len(groups), P, dtype=torch.long)  # [b, P]
+        for i, g in enumerate(groups):
+            ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
+            mask[i, P - len(g[0].prompt):] = 1
+        run = Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk)
+        return groups, run, self._stack_R([g[0] for g in groups])
+
+    def _advance(self, joining: tuple) -> bool:
+        """One chunk of a prefill (all of it once no row is decoding); joins its rows when it is through.
+        Returns whether it is done (joined, or failed)."""
+        groups, run, R = joining
+        sizes = [len(g) for g in groups]
+        repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
         try:
             with self._rows(R):
                 logits = run.advance()  # [b, 1, V]
                 while not run.finished and not self.running:  # the rows it was sparing have all left
                     logits = run.advance()
+            if not run.finished:
+                return False
+            logits, cache, mask, pos = run.result(logits, repeats)  # [b·k, 1, V], ..., [b·k, P]
         except (RuntimeError, MemoryError):  # e.g. out of memory: these rows fail, the running batch goes on
-            self.joining = None
             if self.shared is not None:  # a `generate` call: its caller should see the error
                 raise
             for g in groups:
                 for s in g:
-                    s.finish_reason = "error"
-            return
-        if not run.finished:
-            return
-        self.joining = None
-        sizes = [len(g) for g in groups]
-        repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
-        logits, cache, mask, pos = run.result(logits, repeats)  # [b·k, 1, V], ..., [b·k, P]
+                    s.finish_reason = s.finish_reason or "error"
+            return True
         if repeats == 1 and max(sizes) > 1:
             idx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
             cache.batch_select_indices(idx.to(self.device))
@@ -274,16 +291,20 @@ class Engine:
             self.cache = in_slots(self.cache)
         else:
             self._join(new, *state)
+        return True
 
-    def _take_waiting(self) -> list[list[Sequence]]:
-        """The waiting groups that fit in the batch now (always the first one into an empty batch)."""
-        room = self.max_batch - len(self.running)
+    def _take_waiting(self, longest: int | None = None) -> list[list[Sequence]]:
+        """The waiting groups, in order, that fit in the batch now beside the rows running or joining (always the
+        first one into an empty batch); `longest`: only while their prompts are no longer than this."""
+        joining = sum(len(g) for g in self.joining[0]) if self.joining is not None else 0
+        room = self.max_batch - len(self.running) - joining
         groups = []
-        while self.waiting and (len(self.waiting[0]) <= room or not (self.running or groups)):
-            g = [s for s in self.waiting.popleft() if not s.done]  # cancelled while waiting: dropped
-            if g:
-                groups.append(g)
-                room -= len(g)
+        while self.waiting and (len(self.waiting[0]) <= room or not (self.running or joining or groups)):
+            if longest is not None and len(self.waiting[0][0].prompt) > longest:
+                break
+            g = self.waiting.popleft()
+            groups.append(g)
+            room -= len(g)
         return groups
 
     def _join(self, new, cache, mask, next_pos, logits, R) -> None:
@@ -393,13 +414,13 @@ class Engine:
             return contextlib.nullcontext()
         if R is None:
             return self.adapter.disabled()
-        if self._active is None or self._active[0] is not R:  # R changes only when rows join or leave
+        key = id(R)
+        if key not in self._active:  # R changes only when rows join or leave; a prefill has its own
+            if len(self._active) >= 4:
+                self._active.clear()
             rows = R.flatten(1).any(dim=1).nonzero().flatten()  # [k]
-            if len(rows) == len(R):
-                self._active = (R, R, None)
-            else:
-                self._active = (R, R.index_select(0, rows), rows)
-        _, R_active, rows = self._active
+            self._active[key] = (R, R, None) if len(rows) == len(R) else (R, R.index_select(0, rows), rows)
+        _, R_active, rows = self._active[key]  # the entry holds R itself: its id is not reused meanwhile
         if len(R_active) == 0:
             return self.adapter.disabled()
         return self.adapter.per_row(R_active, rows)

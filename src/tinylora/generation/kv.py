@@ -54,6 +54,8 @@ class Prefill:
                             position_ids=self.pos[:, self.done:end], **with_cache(self.model, self.cache),
                             logits_to_keep=1).logits  # [b, 1, V]
         self.done = end
+        if not self.finished:  # more chunks to come: write them into buffers instead of concatenating
+            self.cache = in_slots(self.cache)
         return logits
 
     def result(self, logits: torch.Tensor, repeats: int = 1):
@@ -116,6 +118,7 @@ class SlotLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         m = len(indices)
+        self._fit(m, self.width)
         for buf in (self.kbuf, self.vbuf):
             buf[:m, :, :self.width] = buf[indices, :, :self.width]  # gathered first, then written
         self.n = m
@@ -149,7 +152,7 @@ class SlotLayer(DynamicLayer):
         raise NotImplementedError("a running batch's cache is trimmed by shift(), not cropped")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("rows join a running batch with add_rows()")
+        self.batch_select_indices(torch.arange(self.n, device=self.kbuf.device).repeat_interleave(repeats))
 
 
 def in_slots(cache):
