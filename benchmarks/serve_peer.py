@@ -39,8 +39,10 @@ async def drive_streaming(port: int, bodies: list[list[dict]]) -> dict:
     """bodies[c] = client c's requests, streamed one after another; all clients at once."""
     import httpx
     latencies, first, tokens = [], [], 0
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=3600,
-                                 limits=httpx.Limits(max_connections=len(bodies) + 4)) as http:
+    # a fresh connection per request: llama-server closes kept-alive connections after a few requests, and a
+    # request sent on one it has just closed fails ("Server disconnected")
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=3600, limits=limits) as http:
         (await http.post("/completions", json={**bodies[0][0], "max_tokens": 2})).raise_for_status()  # warm-up
 
         async def one(body) -> None:
@@ -69,8 +71,10 @@ async def drive_streaming(port: int, bodies: list[list[dict]]) -> dict:
         await asyncio.gather(*(client(m) for m in bodies))
         wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"requests": len(latencies), "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
-            "p50": statistics.median(latencies), "p99": q[98], "ttft": statistics.median(first)}
+    out = {"requests": len(latencies), "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
+           "p50": statistics.median(latencies), "p99": q[98], "ttft": statistics.median(first)}
+    print(f"{len(bodies)} clients, {bodies[0][0]['max_tokens']} tokens: {out}", file=sys.stderr, flush=True)
+    return out
 
 
 def bench_serve_peer(args) -> None:
