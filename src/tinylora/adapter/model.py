@@ -56,7 +56,7 @@ class Adapter(nn.Module):
         self._fused: dict[int, torch.Tensor] = {}  # no-grad fast path, see _fused_in
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._casts: dict = {}  # frozen factors cast to the activations' dtype (see _factor)
-        self._rs = None  # (row_R, dtype, (sR)ᵀΣ per module and row): see _row_RS
+        self._rs = {}  # (id(row_R), dtype) -> (row_R, (sR)ᵀΣ per module and row): see _row_RS
         self._hooks = []
         self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
 
@@ -146,11 +146,14 @@ class Adapter(nn.Module):
         """(sR)ᵀ·Σ of every module for every row, [n_modules, batch, r, r]: built once per set of rows, so a
         module's per-row work is one bmm."""
         R = self._row_R  # [batch, n_modules, r, r]
-        if self._rs is None or self._rs[0] is not R or self._rs[1] != dtype:
+        key = (id(R), dtype)
+        if key not in self._rs:  # a few sets of rows alternate (the running batch, a prompt joining it)
+            if len(self._rs) >= 4:
+                self._rs.clear()
             S = torch.stack([f.S for f in self.factors]).to(R.device)  # [n_modules, r]
             RS = R.float().transpose(-1, -2) * S[None, :, None, :]  # [batch, M, k, j] = R[b, m, j, k] · S[m, j]
-            self._rs = (R, dtype, RS.transpose(0, 1).to(dtype).contiguous())
-        return self._rs[2]
+            self._rs[key] = (R, RS.transpose(0, 1).to(dtype).contiguous())  # holds R: its id is not reused
+        return self._rs[key][1]
 
     def _fused_in(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(V (sR)ᵀ Σ)ᵀ of module i [r, in] in `dtype`, cached while v keeps the values it was built from.
