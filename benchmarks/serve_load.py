@@ -92,6 +92,22 @@ async def drive(port: int, bodies: list[list[dict]]) -> dict:
             "p50": statistics.median(latencies), "p99": q[98]}
 
 
+def write_adapters(model, folder: Path, n: int, peft_folder: Path, n_peft: int) -> int:
+    """`n` adapters of the paper's size (u=1, n_tie=16) as folder/aNNNN.safetensors, random v at the scale trained
+    ones reach, the first `n_peft` also exported as PEFT LoRA to peft_folder/aNNNN; returns their size."""
+    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in range(n):
+            adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
+            save_adapter(adapter, folder / f"a{k:04d}.safetensors")
+            if k < n_peft:
+                export_peft(adapter, peft_folder / f"a{k:04d}")
+    n_numbers = adapter.num_trainable()
+    adapter.detach()
+    return n_numbers
+
+
 def bench_serve(args) -> None:
     if args.peer == "llama-server":
         from serve_peer import bench_serve_peer
@@ -102,18 +118,8 @@ def bench_serve(args) -> None:
     from tinylora.api import DataConfig
     questions = [p.question for p in DataConfig().problems("test", clients * per_client)]
     prompts = chat_prompts(tok, questions)
-    # 1,000 adapters of the paper's size (u=1, n_tie=16), random v at the scale trained ones reach
-    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
     ours, peft = work / "ours", work / "peft"
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for k in range(args.adapters):
-            adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
-            save_adapter(adapter, ours / f"a{k:04d}.safetensors")
-            if k < clients:
-                export_peft(adapter, peft / f"a{k:04d}")
-    n_numbers = adapter.num_trainable()
-    adapter.detach()
+    n_numbers = write_adapters(model, ours, args.adapters, peft, clients)
     t = time.perf_counter()
     bank = AdapterBank(model, sorted(ours.glob("*.safetensors")), progress=False)
     load_s = time.perf_counter() - t

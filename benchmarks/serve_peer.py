@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from common import table
 from llama_cpp import binaries, f32_gguf, lora_gguf
-from serve_load import free_port, start, stop
+from serve_load import free_port, start, stop, write_adapters
 
-from tinylora import AdapterConfig, attach, save_adapter
-from tinylora.export import export_peft
 from tinylora.models import load_model
 from tinylora.tasks.prompts import chat_prompts
 
@@ -83,19 +81,10 @@ def bench_serve_peer(args) -> None:
     model, tok = load_model(args.model, "fp32", "cpu")
     from tinylora.api import DataConfig
     prompts = chat_prompts(tok, [p.question for p in DataConfig().problems("test", clients * args.requests_per_client)])
-    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
-    ours, loras = work / "ours", []
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for k in range(args.adapters):
-            adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
-            save_adapter(adapter, ours / f"a{k:04d}.safetensors")
-            if k < LLAMA_LORAS:
-                export_peft(adapter, work / f"peft{k}")
-    adapter.detach()
+    ours = work / "ours"
+    write_adapters(model, ours, args.adapters, work / "peft", LLAMA_LORAS)
     del model
-    for k in range(LLAMA_LORAS):
-        loras.append(lora_gguf(work / f"peft{k}", args.model, work / f"lora{k}.gguf"))
+    loras = [lora_gguf(work / "peft" / f"a{k:04d}", args.model, work / f"lora{k}.gguf") for k in range(LLAMA_LORAS)]
     gguf, bin_dir = f32_gguf(args.model), binaries()
     threads = str(torch.get_num_threads())
 
