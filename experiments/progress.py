@@ -8,7 +8,9 @@ small files a run cut off mid-way resumes from (checkpoint, metrics, base evalua
 its first step, the base evaluation alone) to experiments/progress/NAME/RUN/, and those of a group of runs
 trained together (`sweep --batched`) to experiments/progress/NAME/_batches/GROUP/; `restore` puts them back.
 A sweep counts a results.csv row marked done as finished even when its folder is gone, so finished runs
-are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
+are not rerun, and a run cut off resumes from its last saved step. A finished run's adapter (when small:
+TinyLoRA's few numbers) and its final per-problem evaluation go to docs/reproduction/runs/NAME/RUN/, so later
+controls (`tinylora eval --random-direction`) and paired comparisons (`tinylora eval --compare`) need no rerun. Checkpoints over 1 MB (LoRA, full
 fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
 as a user reproducing it would.
 """
@@ -29,6 +31,8 @@ RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_bas
 GROUP_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a batched group's (its plan is rewritten by the sweep)
 BATCHES = "_batches"  # experiments/progress/SWEEP/_batches/GROUP: no run of a spec is named so
 MAX_CHECKPOINT = 1 << 20
+FINISHED_FILES = ("adapter.safetensors", "eval_final.jsonl")  # a finished run's, kept beside the CSVs
+MAX_ADAPTER = 64 << 10  # TinyLoRA's files are under 1 KB; a LoRA's adapter is not kept, its evaluation is
 
 
 def _done_runs(results: Path) -> set[str]:
@@ -54,6 +58,8 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
         if _mirror(run_dir, kept, RESUME_FILES, keep=run_dir.name not in done[name] and small):
             changed.append(f"{name}/{run_dir.name} in flight")
+        if run_dir.name in done[name] and _keep_finished(run_dir, docs / "runs" / name / run_dir.name):
+            changed.append(f"{name}/{run_dir.name} kept")
     for group in sorted(out.glob("*/batches/*/")):  # `sweep --batched`: a group's checkpoint until it is done
         name = group.parent.parent.name
         kept = kept_root / name / BATCHES / group.name
@@ -61,6 +67,16 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         if _mirror(group, kept, GROUP_FILES, keep=ckpt.is_file() and ckpt.stat().st_size <= MAX_CHECKPOINT):
             changed.append(f"{name}/batches/{group.name} in flight")
     return changed
+
+
+def _keep_finished(run_dir: Path, kept: Path) -> bool:
+    """Copy a finished run's small adapter and its final evaluation once; whether anything was copied."""
+    files = [f for f in FINISHED_FILES if (run_dir / f).is_file() and not (kept / f).is_file()
+             and not (f.endswith(".safetensors") and (run_dir / f).stat().st_size > MAX_ADAPTER)]
+    for f in files:
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / f, kept / f)
+    return bool(files)
 
 
 def _mirror(src: Path, kept: Path, files: tuple[str, ...], keep: bool) -> bool:

@@ -91,3 +91,23 @@ def test_a_batched_group_cut_off_keeps_its_checkpoint_until_it_is_done(tmp_path)
     (group / "checkpoint.safetensors").unlink()  # the sweep deletes it once every run of the group is done
     progress.save(tmp_path / "first", docs, kept)
     assert not saved.exists()
+
+
+def test_a_finished_run_keeps_its_small_adapter_and_final_evaluation_beside_the_csv(tmp_path):
+    out = tmp_path / "first"
+    (out / "s").mkdir(parents=True)
+    (out / "s" / "results.csv").write_text("name,status\ntiny,done\nlora,done\nrunning,\n")
+    for name, adapter in (("tiny", b"v" * 800), ("lora", b"A" * (progress.MAX_ADAPTER + 1)), ("running", b"v")):
+        run = out / "s" / "runs" / name
+        run.mkdir(parents=True)
+        (run / "adapter.safetensors").write_bytes(adapter)
+        (run / "eval_final.jsonl").write_text(f'{{"index": 0, "correct": true, "run": "{name}"}}\n')
+        (run / "metrics.jsonl").write_text("{}\n")
+    docs, kept = tmp_path / "docs", tmp_path / "kept"
+    assert "s/tiny kept" in progress.save(out, docs, kept)
+    runs = docs / "runs" / "s"
+    assert sorted(p.name for p in runs.iterdir()) == ["lora", "tiny"]  # the unfinished run: nothing yet
+    assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["adapter.safetensors", "eval_final.jsonl"]
+    assert (runs / "tiny" / "adapter.safetensors").read_bytes() == b"v" * 800
+    assert sorted(p.name for p in (runs / "lora").iterdir()) == ["eval_final.jsonl"]  # too big to commit
+    assert progress.save(out, docs, kept) == []  # copied once
