@@ -8,11 +8,11 @@ small files a run cut off mid-way resumes from (checkpoint, metrics, base evalua
 its first step, the base evaluation alone) to experiments/progress/NAME/RUN/, and those of a group of runs
 trained together (`sweep --batched`) to experiments/progress/NAME/_batches/GROUP/; `restore` puts them back.
 A sweep counts a results.csv row marked done as finished even when its folder is gone, so finished runs
-are not rerun, and a run cut off resumes from its last saved step. A finished run's adapter (when small:
-TinyLoRA's few numbers) and its final per-problem evaluation go to docs/reproduction/runs/NAME/RUN/, so later
-controls (`tinylora eval --random-direction`) and paired comparisons (`tinylora eval --compare`) need no rerun. Checkpoints over 1 MB (LoRA, full
+are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
 fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
-as a user reproducing it would.
+as a user reproducing it would. A finished run's adapter (when small: TinyLoRA's few numbers) and its final
+per-problem evaluation go to docs/reproduction/runs/NAME/RUN/, so later controls (`tinylora eval
+--random-direction`) and paired comparisons (`tinylora eval --compare`) need no rerun.
 """
 
 from __future__ import annotations
