@@ -10,8 +10,8 @@ trained together (`sweep --batched`) to experiments/progress/NAME/_batches/GROUP
 A sweep counts a results.csv row marked done as finished even when its folder is gone, so finished runs
 are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
 fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
-as a user reproducing it would. A finished run's adapter (when small: TinyLoRA's few numbers) and its final
-per-problem evaluation go to docs/reproduction/runs/NAME/RUN/, so later controls (`tinylora eval
+as a user reproducing it would. A finished run's adapter (when small: TinyLoRA's few numbers) and its per-problem
+evaluations (base, final) go to docs/reproduction/runs/NAME/RUN/, so later controls (`tinylora eval
 --random-direction`) and paired comparisons (`tinylora eval --compare`) need no rerun.
 """
 
@@ -31,7 +31,7 @@ RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_bas
 GROUP_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a batched group's (its plan is rewritten by the sweep)
 BATCHES = "_batches"  # experiments/progress/SWEEP/_batches/GROUP: no run of a spec is named so
 MAX_CHECKPOINT = 1 << 20
-FINISHED_FILES = ("adapter.safetensors", "eval_final.jsonl")  # a finished run's, kept beside the CSVs
+FINISHED_FILES = ("adapter.safetensors", "eval_base.jsonl", "eval_final.jsonl")  # identical copies: one git blob
 MAX_ADAPTER = 64 << 10  # TinyLoRA's files are under 1 KB; a LoRA's adapter is not kept, its evaluation is
 
 
