@@ -60,6 +60,8 @@ def main() -> None:
                    help="adapters the server loads (serve: 1,000; pack: 1,000,000)")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # memory: the child process
     p.add_argument("--device", default="cpu", help="engine: cpu or cuda")
+    p.add_argument("--graphs", action="store_true",
+                   help="engine: each case also with fixed-shape steps (CUDA graphs on a GPU), side by side")
     p.add_argument("--peer", choices=["llama-batched-bench", "llama-server"], default=None,
                    help="long: llama-batched-bench; serve: llama-server (llama.cpp, built once: llama_cpp.py)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")

@@ -181,10 +181,11 @@ def bench_serve(args) -> None:
 
 def bench_engine(args) -> None:
     """The engine alone (no HTTP): 64 rows decoding together with no adapter, one adapter, or a different
-    adapter per row (of 1,000 in the bank), on a random-weight model of the default shape."""
+    adapter per row (of 1,000 in the bank), on a random-weight model of the default shape. `--graphs`: each
+    also with fixed-shape steps (CUDA graphs on a GPU), side by side."""
     from common import median_time, random_model
 
-    from tinylora.generation.engine import Engine, Sampling
+    from tinylora.generation.engine import Engine
     from tinylora.testing import tiny_tokenizer
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -193,31 +194,54 @@ def bench_engine(args) -> None:
     tok = tiny_tokenizer()  # only for its pad/eos ids: the prompts are random token ids
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1000, 100_000, (rows, 32), generator=gen).tolist()
-    plain = Engine(model, tok, weights="hooks" if device != "cpu" else "auto", max_batch=rows)
+    weights = "hooks" if device != "cpu" else "auto"
+    modes = [False, True] if args.graphs else [False]
 
     def run(engine, R_of_row):
-        with engine.generating():
-            for i, p in enumerate(prompts):
-                engine.add(p, Sampling(max_new_tokens=new, temperature=0), R=R_of_row(i))
-            while not engine.idle:
-                engine.step()
+        _greedy_rows(engine, prompts, [R_of_row(i) for i in range(rows)], new)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    results = {"no bank: the plain model": median_time(lambda: run(plain, lambda i: None), args.reps)}
     bank = AdapterBank(model, config=AdapterConfig(u=1, n_tie=16), progress=False)
     n_groups = len(bank.adapter.groups)
     for k in range(args.adapters):
         bank.add(f"a{k}", bank.config, torch.randn(n_groups, 1, generator=gen) * 0.05)
-    banked = Engine(model, tok, bank=bank, weights="hooks" if device != "cpu" else "auto", max_batch=rows)
     R = [bank.get(f"a{(i * 7919) % args.adapters}") for i in range(rows)]
-    results["bank: every row the base (R = 0)"] = median_time(lambda: run(banked, lambda i: None), args.reps)
-    results["bank: one adapter for every row"] = median_time(lambda: run(banked, lambda i: R[0]), args.reps)
-    results[f"bank: a different adapter per row (of {args.adapters:,})"] = \
-        median_time(lambda: run(banked, lambda i: R[i]), args.reps)
+    cases = [("no bank: the plain model", None, lambda i: None),
+             ("bank: every row the base (R = 0)", bank, lambda i: None),
+             ("bank: one adapter for every row", bank, lambda i: R[0]),
+             (f"bank: a different adapter per row (of {args.adapters:,})", bank, lambda i: R[i])]
+    results = {}  # (case, graphs) -> seconds
+    tokens = {}  # graphs -> the plain model's and the distinct adapters' greedy tokens (the modes must agree)
+    for graphs in modes:
+        engines = {b: Engine(model, tok, bank=b, weights=weights, max_batch=rows, graphs=graphs)
+                   for b in (None, bank)}
+        for name, b, R_of_row in cases:
+            results[name, graphs] = median_time(lambda e=engines[b], f=R_of_row: run(e, f), args.reps)
+        tokens[graphs] = [s.tokens for s in _greedy_rows(engines[bank], prompts, R, new)]
     print(f"\nrandom weights of the default model's shape ({args.layers} layers), {dtype} on {device}; {rows} rows x "
           f"{new} new tokens, greedy, median of {args.reps}\n")
-    table(["rows run", "seconds", "tokens/s"], [[k, f"{t:.3f}", f"{rows * new / t:.0f}"] for k, t in results.items()])
-    t = list(results.values())
-    print(f"\ndistinct / one adapter: {t[2] / t[3]:.2f}x the throughput; per-row adapters / plain model: "
-          f"{t[0] / t[3]:.2f}x")
+    head = ["rows run", "seconds", "tokens/s"] + (["fixed-shape steps: seconds", "tokens/s"] if args.graphs else [])
+    cells = {k: (f"{t:.3f}", f"{rows * new / t:.0f}") for k, t in results.items()}
+    table(head, [[name] + [x for g in modes for x in cells[name, g]] for name, *_ in cases])
+    for g in modes:
+        t = [results[name, g] for name, *_ in cases]
+        print(f"\n{'fixed-shape steps' if g else 'ordinary steps'}: distinct / one adapter: {t[2] / t[3]:.2f}x the "
+              f"throughput; per-row adapters / plain model: {t[0] / t[3]:.2f}x")
+    if args.graphs:
+        plain = results[cases[0][0], False] / results[cases[0][0], True]
+        same = sum(a == b for x, y in zip(tokens[False], tokens[True]) for a, b in zip(x, y))
+        print(f"fixed-shape / ordinary, plain model: {plain:.2f}x the throughput; distinct adapters' greedy tokens "
+              f"equal in both modes: {same} of {rows * new}")
+
+
+def _greedy_rows(engine, prompts, R, new):
+    """Every prompt with its row's adapter through `engine`, greedy: the rows, in order."""
+    from tinylora.generation.engine import Sampling
+    rows = []
+    with engine.generating():
+        for p, r in zip(prompts, R):
+            rows += engine.add(p, Sampling(max_new_tokens=new, temperature=0), R=r)
+        while not engine.idle:
+            engine.step()
+    return rows

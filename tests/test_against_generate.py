@@ -141,6 +141,31 @@ def test_base_batch_equals_generate_per_prompt(arch, weights):
     assert rows_of(twice) == [r for r in refs for _ in range(2)]
 
 
+@pytest.mark.parametrize("max_len", [8, 4096])
+def test_fixed_shape_steps_of_the_plain_model_equal_generate_and_fall_back_when_the_buffers_are_outgrown(max_len):
+    """graphs=True on the plain model: prompts of 1 to 7 tokens + 12 new ones outgrow 8 columns mid-way (those
+    steps then run the ordinary way), and 12 rows outgrow the 6 slots of max_batch (generate() admits them all:
+    the ordinary way from the start)."""
+    model, tok = base_model("qwen2")
+    ids = [ids_of(tok, p) for p in PROMPTS]
+    set_eos(model, stopping_tokens([[hf_greedy(model, x, N) for x in ids]], N))
+    refs = [hf_greedy(model, x, N) for x in ids]
+    check_ends(refs, model, N)
+    engine = Engine(model, tok, weights="hooks", graphs=True, max_batch=len(PROMPTS), max_len=max_len)
+    fixed_steps = count_calls(engine.fixed, "decode")
+    check_rollout(engine.generate(PROMPTS, max_new_tokens=N, greedy=True), refs, tok)
+    assert 0 < fixed_steps.calls < N - 1 if max_len == 8 else fixed_steps.calls == N - 1
+    fixed_steps.calls = 0
+    twice = engine.generate(PROMPTS, max_new_tokens=N, greedy=True, repeats=2)
+    assert rows_of(twice) == [r for r in refs for _ in range(2)] and fixed_steps.calls == 0
+
+
+def test_one_adapters_hooks_are_refused_by_fixed_shape_steps():
+    model, tok, ad = with_adapter("llama", "alpha")
+    with pytest.raises(ValueError, match="AdapterBank"):
+        Engine(model, tok, adapter=ad, weights="hooks", graphs=True)
+
+
 # ---- 2. one attached adapter -----------------------------------------------------------------------------
 @pytest.mark.parametrize("weights", weight_choices() + ["auto"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -200,8 +225,9 @@ def set_eos_everywhere(models, extra: list[int]) -> None:
         set_eos(m, extra)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch):
+def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs):
     model, tok, bank, alone = bank_and_references(arch)
     which = ["beta", None, "delta", "alpha", "gamma", "beta"]  # one per prompt, the base among them
     ids = [ids_of(tok, p) for p in PROMPTS]
@@ -210,8 +236,22 @@ def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch):
     set_eos_everywhere([model, *alone.values()], stopping_tokens([plain], N))
     refs = [hf_greedy(alone[w], x, N) for w, x in zip(which, ids)]
     check_ends(refs, model, N)
-    engine = Engine(model, tok, bank=bank)
+    engine = Engine(model, tok, bank=bank, graphs=graphs)
     check_rollout(engine.generate(PROMPTS, max_new_tokens=N, greedy=True, adapters=which), refs, tok)
+    if graphs:
+        assert (engine.fixed.buffers is not None) == (arch in FULL_ATTENTION)  # sliding windows: the ordinary way
+
+
+def count_calls(obj, name: str):
+    """Wrap obj.name so its calls are counted (`.calls`)."""
+    counter = type("Counter", (), {"calls": 0})()
+    method = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        counter.calls += 1
+        return method(*args, **kwargs)
+    setattr(obj, name, counted)
+    return counter
 
 
 def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, torch.Tensor | None]]]):
@@ -226,12 +266,14 @@ def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, tor
     return rows
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("chunk,graphs", [(None, False), (2, False), (2, True)])
 @pytest.mark.parametrize("arch", FULL_ATTENTION)
-def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk):
+def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, graphs):
     """The server's way: rows with their own adapters join between decode steps (left-padding the shorter KV
     cache), leave when done (the cache trimmed), and wait for a slot (max_batch=3); with `chunk`, joining
-    prompts go through the model 2 columns per step while the running rows decode."""
+    prompts go through the model 2 columns per step while the running rows decode; with `graphs`, every decode
+    step runs at fixed shapes in fixed KV buffers (padding rows and masked columns: the GPU's CUDA-graph step,
+    run eagerly here)."""
     model, tok, bank, alone = bank_and_references(arch)
     # (step it arrives, prompt, adapter, max_new_tokens)
     plan = [(0, 2, "alpha", 10), (0, 3, None, 4), (1, 0, "delta", 12), (2, 1, "gamma", 3), (2, 5, "beta", 9),
@@ -242,7 +284,8 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk):
     refs = [hf_greedy(alone[w], ids[k], n) for _, k, w, n in plan]
     eos = set(eos_list(model))
     assert any(r[-1] in eos for r in refs) and any(not eos & set(r) for r in refs), refs
-    engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=chunk)
+    engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=chunk, graphs=graphs)
+    fixed_steps = count_calls(engine.fixed, "decode") if graphs else None
     schedule = {}
     for t, k, w, n in plan:
         schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
@@ -252,6 +295,8 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk):
     for row, ref in zip(rows, refs):
         assert row.finish_reason == ("stop" if ref[-1] in eos else "length")
     assert engine.cache is None and engine.row_R is None  # every row has left
+    if graphs:  # every decode step took the fixed path: one per token after a row's first
+        assert fixed_steps.calls >= max(n for *_, n in plan) - 1 and not engine.fixed.capture
 
 
 # ---- 4. the OpenAI-compatible server ---------------------------------------------------------------------

@@ -203,15 +203,17 @@ def test_bank_rejects_what_does_not_share_the_factors(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
+def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype, graphs):
     """On CUDA: rows joining and leaving with distinct adapters; fp32 matches each adapter alone token for
-    token, bf16 (hooks, no merge) must agree on most tokens and run without error."""
+    token, bf16 (hooks, no merge) must agree on most tokens and run without error; with `graphs`, the decode
+    steps replay captured CUDA graphs."""
     paths = adapter_files(tmp_path)
     model, tok = tiny_model_and_tokenizer("llama")
     model = model.to("cuda", dtype)
     bank = AdapterBank(model, paths)
-    engine = Engine(model, tok, bank=bank, max_batch=3)
+    engine = Engine(model, tok, bank=bank, max_batch=3, graphs=graphs)
     assert str(engine.weights).startswith("the model's own weights")
     plan = [(0, 0, 9), (0, 1, 4), (2, 2, 12), (3, 3, 3), (3, 4, 7)]
     schedule = {}
@@ -238,6 +240,8 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype):
                                     (PROMPTS[0], seeded, bank.get(bank.names[1]))]})[1].tokens
     if dtype == torch.float32:
         assert a == b
+    if graphs:
+        assert engine.fixed.capture and engine.fixed.graphs  # the steps did replay captured graphs
 
 
 def test_ignore_eos_runs_to_max_new_tokens():
@@ -254,11 +258,12 @@ def test_ignore_eos_runs_to_max_new_tokens():
     assert len(full.tokens) == 6 and full.finish_reason == "length"  # ...unless EOS is ignored
 
 
-def test_a_row_with_non_finite_logits_fails_alone(tmp_path):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_row_with_non_finite_logits_fails_alone(tmp_path, graphs):
     paths = adapter_files(tmp_path)
     model, tok = tiny_model_and_tokenizer("llama")
     bank = AdapterBank(model, paths)
-    engine = Engine(model, tok, bank=bank)
+    engine = Engine(model, tok, bank=bank, graphs=graphs)
     broken = torch.full_like(bank.get("user0"), float("nan"))
     rows = run_until_idle(engine, {0: [(PROMPTS[0], Sampling(max_new_tokens=8, temperature=1.0, seed=1), broken),
                                        (PROMPTS[1], Sampling(max_new_tokens=8, temperature=0), bank.get("user2"))]})

@@ -57,6 +57,7 @@ class Adapter(nn.Module):
         self._fused_v: torch.Tensor | None = None  # the v that _fused was built from
         self._casts: dict = {}  # frozen factors cast to the activations' dtype (see _factor)
         self._rs = {}  # (id(row_R), dtype) -> (row_R, (sR)ᵀΣ per module and row): see _row_RS
+        self._rs_once: dict | None = None  # per_row(cached=False): the same, for one forward only
         self._hooks = []
         self.modules_by_index = [model.get_submodule(t.name) for t in self.targets]
 
@@ -130,30 +131,33 @@ class Adapter(nn.Module):
         return h * self._factor(i, "S", x.dtype)  # [..., r]
 
     @contextlib.contextmanager
-    def per_row(self, R: torch.Tensor, rows: torch.Tensor | None = None):
+    def per_row(self, R: torch.Tensor, rows: torch.Tensor | None = None, cached: bool = True):
         """Within this block batch row b runs with R[b] ([batch, n_modules, r, r], s·R), not this adapter's v.
         `rows` (without autograd): R is [k, n_modules, r, r] for these k batch rows; the others run the base
-        model and cost no adapter work."""
+        model and cost no adapter work. `cached=False`: R's values change in place between blocks (a CUDA
+        graph's input buffer), so what is derived from R is derived again inside each block."""
         if rows is not None and torch.is_grad_enabled():
             raise ValueError("per_row(rows=...) is for generation: run it under torch.no_grad()")
         self._row_R, self._row_index = R, rows
+        self._rs_once = None if cached else {}
         try:
             yield
         finally:
-            self._row_R = self._row_index = None
+            self._row_R = self._row_index = self._rs_once = None
 
     def _row_RS(self, dtype: torch.dtype) -> torch.Tensor:
         """(sR)ᵀ·Σ of every module for every row, [n_modules, batch, r, r]: built once per set of rows, so a
         module's per-row work is one bmm."""
         R = self._row_R  # [batch, n_modules, r, r]
         key = (id(R), dtype)
-        if key not in self._rs:  # a few sets of rows alternate (the running batch, a prompt joining it)
-            if len(self._rs) >= 4:
-                self._rs.clear()
+        store = self._rs if self._rs_once is None else self._rs_once
+        if key not in store:  # a few sets of rows alternate (the running batch, a prompt joining it)
+            if len(store) >= 4:
+                store.clear()
             S = torch.stack([f.S for f in self.factors]).to(R.device)  # [n_modules, r]
             RS = R.float().transpose(-1, -2) * S[None, :, None, :]  # [batch, M, k, j] = R[b, m, j, k] · S[m, j]
-            self._rs[key] = (R, RS.transpose(0, 1).to(dtype).contiguous())  # holds R: its id is not reused
-        return self._rs[key][1]
+            store[key] = (R, RS.transpose(0, 1).to(dtype).contiguous())  # holds R: its id is not reused
+        return store[key][1]
 
     def _fused_in(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(V (sR)ᵀ Σ)ᵀ of module i [r, in] in `dtype`, cached while v keeps the values it was built from.

@@ -116,7 +116,7 @@ def cmd_serve(args) -> None:
     model, tokenizer = load_model(mc.model, mc.dtype, mc.device)
     server = build_server(model, tokenizer, name=name, adapters=args.adapters, limits=config_from(Limits, args),
                           strict=args.strict, weights=args.weights, api_key=args.api_key,
-                          allow_runtime_adapters=args.allow_runtime_adapters)
+                          allow_runtime_adapters=args.allow_runtime_adapters, graphs=args.graphs)
     print(f"serving {name} and {len(server.bank)} adapters at http://{args.host}:{args.port}/v1 "
           f"({server.engine.weights}){'; API key required' if args.api_key else ''}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
@@ -217,6 +217,9 @@ def _add_serve(sub) -> None:
                    help="weights that generate (default: auto: a packed fp32 copy on a CPU, hooks on a GPU)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="serve adapters even if their base fingerprint differs")
+    p.add_argument("--graphs", action="store_true",
+                   help="GPU: decode steps replayed as CUDA graphs over fixed KV buffers (max-batch rows x 4,096 "
+                        "tokens; longer contexts run the ordinary way)")
     add_config_args(p.add_argument_group("limits"), Limits)
     p.add_argument("--graceful-seconds", type=int, default=60,
                    help="on shutdown, wait this long for requests in flight (default: 60)")

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
+from tinylora.generation.graphs import FixedStep
 from tinylora.generation.kv import Prefill, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.sampling import sample_categorical, top_p_filter
 
@@ -67,12 +68,15 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer, *, weights="auto", adapter=None, exact: bool = False, bank=None,
-                 max_batch: int = 64, prefill_chunk: int | None = 256):
+                 max_batch: int = 64, prefill_chunk: int | None = 256, graphs: bool = False, max_len: int = 4096):
         """`weights`: a GenerationWeights, or a choice for `cpu_weights.for_generation` ('auto', 'packed',
         'merged', 'hooks', 'int8'; `exact`: a merge is undone bit for bit).
         `bank`: an AdapterBank; every row then runs its own adapter (Sequence.R), the base where it has none.
         `prefill_chunk`: while rows are decoding, joining prompts go through the model this many columns per
         step (None: whole), so a long prompt delays each running row's next token by one chunk's forward.
+        `graphs`: decode steps at fixed shapes over KV buffers of max_batch rows × `max_len` columns, replayed
+        as CUDA graphs on a GPU (generation/graphs.py; on a CPU the same steps run eagerly). For the plain
+        model and bank engines; a step that does not fit the buffers runs the ordinary way.
         """
         self.model, self.tokenizer = model, tokenizer
         self.bank = bank
@@ -93,6 +97,13 @@ class Engine:
         self.shared: list[torch.Generator] | None = None  # inside `generate`: the seeded streams rows draw from
         self._generating = False
         self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
+        self.fixed = None
+        if graphs:
+            if self.adapter is not None and bank is None and not isinstance(weights, cpu_weights.Merged):
+                raise ValueError("graphs=True runs the plain model or a bank's per-row adapters; one adapter's "
+                                 "hooks are not captured: serve it from an AdapterBank")
+            self.fixed = FixedStep(model, bank.adapter if bank is not None else None, rows=max_batch,
+                                   max_len=max_len, capture=self.device.type == "cuda")
         self.reset()
 
     def drop_all(self) -> None:
@@ -106,7 +117,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
-        self._active = {}  # id(R) -> (R, R of the rows with an adapter [k, M, r, r], their indices [k] or None: all)
+        self._active = {}  # id(R) -> (R, indices [k] of the rows with an adapter, their R [k, M, r, r])
 
     @contextlib.contextmanager
     def generating(self):
@@ -165,7 +176,11 @@ class Engine:
         if not bool(finite.all()):  # an adapter with extreme values: fail those rows, not the batch
             if self.shared is not None:
                 raise FloatingPointError("the model produced non-finite logits (diverged weights or adapter?)")
-            for i in (~finite).nonzero().flatten().tolist():
+            bad = (~finite).nonzero().flatten()
+            if self.fixed is not None and self.fixed.covers(self.cache):  # keep them out of masked columns
+                for layer in self.cache.layers:
+                    layer.clear_rows(bad)
+            for i in bad.tolist():
                 self.running[i].finish_reason = "error"
             self._retire()
             if not self.running:
@@ -288,7 +303,7 @@ class Engine:
         if not self.running:
             self.running = new
             self.cache, self.mask, self.next_pos, self.logits, self.row_R = state
-            self.cache = in_slots(self.cache)
+            self.cache = self.fixed.slots(self.cache) if self.fixed is not None else in_slots(self.cache)
         else:
             self._join(new, *state)
         return True
@@ -354,6 +369,11 @@ class Engine:
     def _decode(self, tok: torch.Tensor) -> None:
         """One forward of each running row's newest token [n]: the logits of the next."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)  # [n, L + 1]
+        if self.fixed is not None and self.fixed.covers(self.cache):
+            R = self.row_R if self.row_R is not None and len(self._adapted(self.row_R)[1]) else None
+            self.logits = self.fixed.decode(self.cache, tok, self.mask, self.next_pos, R)  # [n, V]
+            self.next_pos = self.next_pos + 1
+            return
         with self._rows(self.row_R):
             self.logits = self.model(input_ids=tok[:, None], attention_mask=self.mask,
                                      position_ids=self.next_pos[:, None],
@@ -414,16 +434,21 @@ class Engine:
             return contextlib.nullcontext()
         if R is None:
             return self.adapter.disabled()
+        rows, R_active = self._adapted(R)
+        if len(R_active) == 0:
+            return self.adapter.disabled()
+        return self.adapter.per_row(R_active, None if len(R_active) == len(R) else rows)
+
+    def _adapted(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [k], R [k, M, r, r]) of the rows whose R is not zero; found once per set of rows (R changes
+        only when rows join or leave; a prefill has its own)."""
         key = id(R)
-        if key not in self._active:  # R changes only when rows join or leave; a prefill has its own
+        if key not in self._active:
             if len(self._active) >= 4:
                 self._active.clear()
             rows = R.flatten(1).any(dim=1).nonzero().flatten()  # [k]
-            self._active[key] = (R, R, None) if len(rows) == len(R) else (R, R.index_select(0, rows), rows)
-        _, R_active, rows = self._active[key]  # the entry holds R itself: its id is not reused meanwhile
-        if len(R_active) == 0:
-            return self.adapter.disabled()
-        return self.adapter.per_row(R_active, rows)
+            self._active[key] = (R, rows, R if len(rows) == len(R) else R.index_select(0, rows))
+        return self._active[key][1:]  # the entry holds R itself: its id is not reused meanwhile
 
 
 @torch.no_grad()

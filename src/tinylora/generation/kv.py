@@ -79,17 +79,30 @@ def cache_layers(cache) -> list:
 class SlotLayer(DynamicLayer):
     """Keys and values in buffers [rows, heads, columns, d] grown by doubling; `keys`/`values` are views of the
     rows and columns in use. A decode step writes one column; only rows joining or leaving, or a change of
-    the batch's left edge, copy anything (DynamicLayer concatenates: the whole cache copied every step)."""
+    the batch's left edge, copy anything (DynamicLayer concatenates: the whole cache copied every step).
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    `buffers` (a fixed-shape decode step, generation/graphs.py): buffers allocated once and never replaced, so
+    a captured CUDA graph keeps reading the right memory. A layer that must outgrow them moves to buffers of its
+    own and stops being `fixed` (its steps then run the ordinary way)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, buffers: tuple | None = None):
         super().__init__()
         self.device, self.is_initialized = keys.device, True
         n, heads, self.width, d = keys.shape
         self.n = n
-        self.kbuf = keys.new_zeros(n, heads, max(2 * self.width, 64), d)  # [rows, heads, columns, d]
-        self.vbuf = torch.zeros_like(self.kbuf)
-        self.kbuf[:, :, :self.width], self.vbuf[:, :, :self.width] = keys, values
+        self.fixed = buffers is not None
+        if buffers is None:
+            self.kbuf = keys.new_zeros(n, heads, max(2 * self.width, 64), d)  # [rows, heads, columns, d]
+            self.vbuf = torch.zeros_like(self.kbuf)
+        else:
+            self.kbuf, self.vbuf = buffers
+        self._fit(n, self.width)
+        self.kbuf[:n, :, :self.width], self.vbuf[:n, :, :self.width] = keys, values
+        self.step_view: tuple | None = None  # (rows, columns, column tensor [1]) while a fixed-shape step runs
         self._views()
+
+    def fits(self, rows: int, cols: int) -> bool:
+        return rows <= self.kbuf.shape[0] and cols <= self.kbuf.shape[2]
 
     def _views(self) -> None:
         self.keys = self.kbuf[:self.n, :, :self.width]  # [n, heads, width, d]: views, no copy
@@ -97,9 +110,10 @@ class SlotLayer(DynamicLayer):
 
     def _fit(self, rows: int, cols: int) -> None:
         """Buffers of at least `rows` × `cols` (doubling: each element is moved O(1) times on average)."""
-        R, C = self.kbuf.shape[0], self.kbuf.shape[2]
-        if rows <= R and cols <= C:
+        if self.fits(rows, cols):
             return
+        self.fixed = False
+        R, C = self.kbuf.shape[0], self.kbuf.shape[2]
         R, C = max(rows, R if rows <= R else 2 * R), max(cols, C if cols <= C else 2 * C, 64)
         for name in ("kbuf", "vbuf"):
             old = getattr(self, name)
@@ -108,6 +122,12 @@ class SlotLayer(DynamicLayer):
             setattr(self, name, new)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.step_view is not None:  # a fixed-shape step: every row of the view writes column `col`
+            rows, cols, col = self.step_view
+            keys, values = self.kbuf[:rows, :, :cols], self.vbuf[:rows, :, :cols]  # [rows, heads, cols, d]
+            keys.index_copy_(2, col, key_states)  # col [1]: a tensor, so a captured graph reads it each replay
+            values.index_copy_(2, col, value_states)
+            return keys, values
         q = key_states.shape[2]  # [n, heads, q, d]: the new columns of every running row
         self._fit(self.n, self.width + q)
         self.kbuf[:self.n, :, self.width:self.width + q] = key_states
@@ -115,6 +135,16 @@ class SlotLayer(DynamicLayer):
         self.width += q
         self._views()
         return self.keys, self.values
+
+    def grow(self, q: int = 1) -> None:
+        """`q` columns written by fixed-shape steps (update under step_view) now belong to the running rows."""
+        self.width += q
+        self._views()
+
+    def clear_rows(self, rows: torch.Tensor) -> None:
+        """Zero these rows' keys and values (non-finite ones would poison a fixed-shape step's masked columns)."""
+        self.kbuf[rows] = 0
+        self.vbuf[rows] = 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         m = len(indices)
@@ -155,13 +185,20 @@ class SlotLayer(DynamicLayer):
         self.batch_select_indices(torch.arange(self.n, device=self.kbuf.device).repeat_interleave(repeats))
 
 
-def in_slots(cache):
+def full_attention(cache) -> bool:
+    """Whether every layer of a freshly prefilled cache attends to the whole context (no sliding window)."""
+    return {type(layer) for layer in cache.layers} == {DynamicLayer}
+
+
+def in_slots(cache, buffers: list[tuple] | None = None):
     """The running batch's cache: every layer's keys and values moved into buffers allocated ahead (SlotLayer),
     so a decode step writes its column in place instead of copying the whole cache. A model with sliding-window
-    layers keeps its own cache (and its batch admits no rows while it runs: see cache_layers)."""
-    if {type(layer) for layer in cache.layers} != {DynamicLayer}:  # sliding windows: left as they are
+    layers keeps its own cache (and its batch admits no rows while it runs: see cache_layers).
+    `buffers`: one fixed (keys, values) pair per layer to use instead (generation/graphs.py)."""
+    if not full_attention(cache):  # sliding windows: left as they are
         return cache
-    cache.layers = [SlotLayer(layer.keys, layer.values) for layer in cache.layers]
+    buffers = buffers or [None] * len(cache.layers)
+    cache.layers = [SlotLayer(layer.keys, layer.values, b) for layer, b in zip(cache.layers, buffers)]
     return cache
 
 

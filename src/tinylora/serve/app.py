@@ -68,12 +68,13 @@ class Server:
     """The state behind the routes: model name, tokenizer, adapter bank, engine thread, limits."""
 
     def __init__(self, model, tokenizer, bank, *, name: str, api_key: str | None = None,
-                 allow_runtime_adapters: bool = False, limits: Limits | None = None, weights: str = "auto"):
+                 allow_runtime_adapters: bool = False, limits: Limits | None = None, weights: str = "auto",
+                 graphs: bool = False):
         self.name, self.model, self.tokenizer, self.bank = name, model, tokenizer, bank
         self.api_key, self.allow_runtime_adapters = api_key, allow_runtime_adapters
         self.limits = limits or Limits()
         self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch,
-                             prefill_chunk=self.limits.prefill_chunk or None)
+                             prefill_chunk=self.limits.prefill_chunk or None, graphs=graphs)
         self.worker = Worker(self.engine, self.limits.max_queue, admit_wait=self.limits.admit_wait_ms / 1000)
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab = model.config.vocab_size

@@ -1,0 +1,137 @@
+"""The decode step at fixed shapes, replayed as a CUDA graph (the engine's GPU path).
+
+At decode shapes a GPU is launch-bound: a step of the default model is hundreds of small kernels (three more
+per adapted module with per-row adapters), each launched from Python. A CUDA graph records them once and
+replays the whole step in one launch. A graph replays fixed shapes at fixed addresses, so the step runs over
+buffers that never move:
+
+- every layer's keys and values in buffers [slots, heads, max_len, d] allocated once (`kv.SlotLayer` over
+  them: joining, leaving and trimming copy within them, as they do in ordinary buffers);
+- the step's inputs (each row's token, position, attention mask, s·R) copied into fixed tensors;
+- rows and columns rounded up to powers of two, one graph per (rows, columns, adapted) captured when first
+  needed, all in one memory pool. Padding rows attend to one column and are ignored; padding columns are
+  masked out. A step the buffers cannot hold (more rows, a longer context) runs the ordinary way.
+
+On a CPU the same fixed-shape step runs eagerly (`capture=False`): the tests check it against
+`model.generate`; only the capture itself needs a GPU (benchmarks/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tinylora.generation.kv import SlotLayer, full_attention, in_slots, with_cache
+
+MIN_COLUMNS = 128  # the smallest column bucket
+
+
+def bucket(n: int, cap: int, least: int = 1) -> int:
+    """The smallest power of two >= max(n, least), at most cap (n <= cap)."""
+    b = least
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+class FixedStep:
+    def __init__(self, model, adapter=None, *, rows: int, max_len: int, capture: bool):
+        """`rows` × `max_len`: the KV buffers' slots and columns. `adapter`: the bank's (per-row s·R) or None.
+        `capture`: replay CUDA graphs (a CUDA model); False runs the same fixed-shape forward eagerly."""
+        self.model, self.adapter, self.capture = model, adapter, capture
+        self.rows, self.max_len = rows, max_len
+        device = next(model.parameters()).device
+        self.tok = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [S, 1]
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [S, 1]
+        self.mask = torch.zeros(rows, 1, 1, max_len, dtype=torch.bool, device=device)  # [S, 1, 1, L] True: attend
+        self.col = torch.zeros(1, dtype=torch.long, device=device)  # the column this step writes
+        self.R: torch.Tensor | None = None  # [S, M, r, r] every row's s·R, once an adapted step needs it
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: keys, values [S, H, L, d]
+        self.graphs: dict[tuple, tuple] = {}  # (rows, columns, adapted) -> (CUDAGraph, its logits)
+        self.pool = None
+
+    def slots(self, cache):
+        """The running batch's cache in the fixed buffers (ordinary SlotLayers when it does not fit them)."""
+        first = cache.layers[0]
+        n, width = first.keys.shape[0], first.keys.shape[2]
+        if n > self.rows or width >= self.max_len or not full_attention(cache):
+            return in_slots(cache)
+        if self.buffers is None:
+            self.buffers = [tuple(torch.zeros(self.rows, x.shape[1], self.max_len, x.shape[3], dtype=x.dtype,
+                                              device=x.device) for x in (layer.keys, layer.values))
+                            for layer in cache.layers]
+        return in_slots(cache, self.buffers)
+
+    def covers(self, cache) -> bool:
+        """Whether the next step of this cache can run at fixed shapes (its layers still in the buffers, room for
+        one more column)."""
+        if self.buffers is None or len(cache.layers) != len(self.buffers):
+            return False
+        return all(isinstance(layer, SlotLayer) and layer.fixed and layer.kbuf is k and layer.width < self.max_len
+                   for layer, (k, _) in zip(cache.layers, self.buffers))
+
+    @torch.no_grad()
+    def decode(self, cache, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+               R: torch.Tensor | None) -> torch.Tensor:
+        """One decode step: tokens [n], the mask with this step's column [n, width], positions [n], and every
+        row's s·R [n, M, r, r] (None: no row has an adapter). Returns the logits [n, V]."""
+        n, width = mask.shape
+        rows, cols = bucket(n, self.rows), bucket(width, self.max_len, MIN_COLUMNS)
+        self.tok.zero_()
+        self.tok[:n, 0] = tok
+        self.pos.zero_()
+        self.pos[:n, 0] = pos
+        self.mask.zero_()
+        self.mask[:n, 0, 0, :width] = mask.bool()
+        self.mask[n:rows, 0, 0, 0] = True  # padding rows attend to something: no NaN anywhere
+        self.col.fill_(width - 1)
+        if R is not None:
+            if self.R is None:
+                self.R = R.new_zeros(self.rows, *R.shape[1:])
+            self.R[:n] = R
+            self.R[n:rows] = 0
+        layers = cache.layers
+        for layer in layers:
+            layer.step_view = (rows, cols, self.col)
+        try:
+            key = (rows, cols, R is not None)
+            if not self.capture:
+                logits = self._forward(cache, *key)
+            else:
+                if key not in self.graphs:
+                    self.graphs[key] = self._capture(cache, key)
+                graph, logits = self.graphs[key]
+                graph.replay()
+        finally:
+            for layer in layers:
+                layer.step_view = None
+        for layer in layers:
+            layer.grow(1)
+        return logits[:n, -1].clone()  # [n, V]: the graph's output is overwritten by its next replay
+
+    def _forward(self, cache, rows: int, cols: int, adapted: bool) -> torch.Tensor:
+        if adapted:
+            ctx = self.adapter.per_row(self.R[:rows], cached=False)  # R changes in place between replays
+        elif self.adapter is not None:
+            ctx = self.adapter.disabled()
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            return self.model(input_ids=self.tok[:rows], attention_mask=self.mask[:rows, :, :, :cols],
+                              position_ids=self.pos[:rows], **with_cache(self.model, cache)).logits  # [rows, 1, V]
+
+    def _capture(self, cache, key: tuple) -> tuple:
+        """Record the step for `key`; the recording itself runs nothing, so the step is first run eagerly on a
+        side stream (it writes the same column the replay then writes), which also builds what the adapter
+        caches lazily outside the graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(cache, *key)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(cache, *key)
+        self.pool = self.pool or graph.pool()
+        return graph, logits
