@@ -11,7 +11,7 @@ A sweep counts a results.csv row marked done as finished even when its folder is
 are not rerun, and a run cut off resumes from its last saved step. Checkpoints over 1 MB (LoRA, full
 fine-tuning) are not kept: such a run restarts. Without `restore`, `queue.sh` reruns the whole study,
 as a user reproducing it would. A finished run's adapter (when small: TinyLoRA's few numbers) and its per-problem
-evaluations (base, final) go to docs/reproduction/runs/NAME/RUN/, so later controls (`tinylora eval
+evaluations (base, final) go to docs/reproduction/trained/NAME/RUN/, so later controls (`tinylora eval
 --random-direction`) and paired comparisons (`tinylora eval --compare`) need no rerun.
 """
 
@@ -58,7 +58,7 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
         if _mirror(run_dir, kept, RESUME_FILES, keep=run_dir.name not in done[name] and small):
             changed.append(f"{name}/{run_dir.name} in flight")
-        if run_dir.name in done[name] and _keep_finished(run_dir, docs / "runs" / name / run_dir.name):
+        if run_dir.name in done[name] and _keep_finished(run_dir, docs / "trained" / name / run_dir.name):
             changed.append(f"{name}/{run_dir.name} kept")
     for group in sorted(out.glob("*/batches/*/")):  # `sweep --batched`: a group's checkpoint until it is done
         name = group.parent.parent.name

@@ -105,7 +105,7 @@ def test_a_finished_run_keeps_its_small_adapter_and_final_evaluation_beside_the_
         (run / "metrics.jsonl").write_text("{}\n")
     docs, kept = tmp_path / "docs", tmp_path / "kept"
     assert "s/tiny kept" in progress.save(out, docs, kept)
-    runs = docs / "runs" / "s"
+    runs = docs / "trained" / "s"
     assert sorted(p.name for p in runs.iterdir()) == ["lora", "tiny"]  # the unfinished run: nothing yet
     assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["adapter.safetensors", "eval_final.jsonl"]
     assert (runs / "tiny" / "adapter.safetensors").read_bytes() == b"v" * 800
