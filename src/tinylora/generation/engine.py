@@ -15,6 +15,8 @@ memory); leaving compacts the rows and, for long-lived batches, trims columns th
 more: only joins and departures copy. While rows decode, joining prompts go through the model one
 `prefill_chunk` of columns per step, so a long prompt delays the running rows by a chunk, not its whole
 prefill. With a bank, only rows that have an adapter cost adapter work (a zero R adds nothing).
+With `graphs`, decode steps run at fixed shapes over fixed buffers, replayed as CUDA graphs on a GPU
+(generation/graphs.py).
 
 Sampling draws exactly from softmax(logits / T) (optionally top-p), by inverse CDF from one uniform per row:
 inside `generate` (rollouts) from seeded streams, one for the whole call or one per run sharing the batch
@@ -37,7 +39,7 @@ from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
 from tinylora.generation.graphs import FixedStep
 from tinylora.generation.kv import Prefill, in_slots, join_rows, shift_columns, with_cache
-from tinylora.generation.sampling import sample_categorical, top_p_filter
+from tinylora.generation.sampling import pick_tokens
 
 
 @dataclass
@@ -185,7 +187,7 @@ class Engine:
             self._retire()
             if not self.running:
                 return []
-        tok, logp = self._pick()  # [n], [n] or None
+        tok, logp = pick_tokens(self.logits, self.running, self.shared)  # [n], [n] or None
         toks, lps = tok.tolist(), (logp.tolist() if logp is not None else None)
         for i, s in enumerate(self.running):
             s.tokens.append(toks[i])
@@ -379,45 +381,6 @@ class Engine:
                                      position_ids=self.next_pos[:, None],
                                      **with_cache(self.model, self.cache)).logits[:, -1]  # [n, V]
         self.next_pos = self.next_pos + 1
-
-    def _pick(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token per running row [n] and its log-prob under the sampling law [n] (None if all greedy)."""
-        logits, rows = self.logits, self.running
-        temps = [s.sampling.temperature for s in rows]
-        greedy = [t == 0 for t in temps]
-        if all(greedy):
-            return logits.argmax(-1), None
-        if len(set(temps)) == 1:  # one temperature (rollouts): divide by the number itself
-            probs = torch.softmax(logits.float() / temps[0], dim=-1)  # [n, V]
-        else:
-            t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=logits.device)[:, None]  # [n, 1]
-            probs = torch.softmax(logits.float() / t, dim=-1)  # [n, V]
-        nucleus = [i for i, s in enumerate(rows) if s.sampling.top_p < 1]
-        if nucleus:
-            idx = torch.tensor(nucleus, device=logits.device)
-            top_p = torch.tensor([rows[i].sampling.top_p for i in nucleus], device=logits.device)[:, None]
-            probs[idx] = top_p_filter(probs[idx], top_p)
-        tok = sample_categorical(probs, self._uniforms())  # [n]
-        logp = probs.gather(1, tok[:, None]).squeeze(1).log()  # [n]
-        if any(greedy):
-            tok = torch.where(torch.tensor(greedy, device=tok.device), logits.argmax(-1), tok)
-        return tok, logp
-
-    def _uniforms(self) -> torch.Tensor:
-        """One uniform in [0, 1) per running row [n, 1]."""
-        n = len(self.running)
-        if self.shared is not None and all(s.generator is None for s in self.running):
-            if len(self.shared) == 1:
-                return torch.rand(n, 1, generator=self.shared[0], device=self.device)
-            u = torch.empty(n, 1, device=self.device)
-            streams = torch.tensor([s.stream for s in self.running])  # [n]
-            for k, gen in enumerate(self.shared):  # each stream's rows, in order: as if they ran alone
-                rows = (streams == k).nonzero().flatten()
-                if len(rows):
-                    u[rows.to(self.device)] = torch.rand(len(rows), 1, generator=gen, device=self.device)
-            return u
-        u = torch.cat([torch.rand(1, generator=s.generator) for s in self.running])  # [n]
-        return u[:, None].to(self.device)
 
     def _stack_R(self, seqs: list[Sequence]) -> torch.Tensor | None:
         if self.bank is None:

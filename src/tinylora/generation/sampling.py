@@ -104,3 +104,46 @@ def _below(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
     """u [n, 1] clamped into [0, total) of cdf [n, m], against rounding: searchsorted(right=True) then
     lands on an entry with positive mass."""
     return torch.minimum(u.clamp(min=0), torch.nextafter(cdf[:, -1:], torch.zeros_like(u)))
+
+
+def pick_tokens(logits: torch.Tensor, rows: list, shared: list[torch.Generator] | None):
+    """One token per row [n] from logits [n, V] under each row's `sampling` (temperature 0: greedy), and its
+    log-prob under the sampling law [n] (None if all greedy). `rows`: the engine's Sequences; `shared`: the
+    seeded streams of a `generate` call (None: every row draws from its own generator)."""
+    temps = [s.sampling.temperature for s in rows]
+    greedy = [t == 0 for t in temps]
+    if all(greedy):
+        return logits.argmax(-1), None
+    if len(set(temps)) == 1:  # one temperature (rollouts): divide by the number itself
+        probs = torch.softmax(logits.float() / temps[0], dim=-1)  # [n, V]
+    else:
+        t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=logits.device)[:, None]  # [n, 1]
+        probs = torch.softmax(logits.float() / t, dim=-1)  # [n, V]
+    nucleus = [i for i, s in enumerate(rows) if s.sampling.top_p < 1]
+    if nucleus:
+        idx = torch.tensor(nucleus, device=logits.device)
+        top_p = torch.tensor([rows[i].sampling.top_p for i in nucleus], device=logits.device)[:, None]
+        probs[idx] = top_p_filter(probs[idx], top_p)
+    tok = sample_categorical(probs, uniforms(rows, shared, logits.device))  # [n]
+    logp = probs.gather(1, tok[:, None]).squeeze(1).log()  # [n]
+    if any(greedy):
+        tok = torch.where(torch.tensor(greedy, device=tok.device), logits.argmax(-1), tok)
+    return tok, logp
+
+
+def uniforms(rows: list, shared: list[torch.Generator] | None, device) -> torch.Tensor:
+    """One uniform in [0, 1) per row [n, 1]: from the shared seeded streams (each row from its `stream`, in
+    order, so each stream's rows draw what they would alone), or from each row's own generator."""
+    n = len(rows)
+    if shared is not None and all(s.generator is None for s in rows):
+        if len(shared) == 1:
+            return torch.rand(n, 1, generator=shared[0], device=device)
+        u = torch.empty(n, 1, device=device)
+        streams = torch.tensor([s.stream for s in rows])  # [n]
+        for k, gen in enumerate(shared):
+            mine = (streams == k).nonzero().flatten()
+            if len(mine):
+                u[mine.to(device)] = torch.rand(len(mine), 1, generator=gen, device=device)
+        return u
+    u = torch.cat([torch.rand(1, generator=s.generator) for s in rows])  # [n]
+    return u[:, None].to(device)
