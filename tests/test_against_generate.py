@@ -19,6 +19,7 @@ import json
 
 import pytest
 import torch
+from fixed_steps import DecodeSteps
 from serving import ServerThread
 from waiting import HANG_GUARD_S
 
@@ -152,12 +153,12 @@ def test_fixed_shape_steps_of_the_plain_model_equal_generate_and_fall_back_when_
     refs = [hf_greedy(model, x, N) for x in ids]
     check_ends(refs, model, N)
     engine = Engine(model, tok, weights="hooks", graphs=True, max_batch=len(PROMPTS), max_len=max_len)
-    fixed_steps = count_calls(engine.fixed, "decode")
+    steps = DecodeSteps(model)
     check_rollout(engine.generate(PROMPTS, max_new_tokens=N, greedy=True), refs, tok)
-    assert 0 < fixed_steps.calls < N - 1 if max_len == 8 else fixed_steps.calls == N - 1
-    fixed_steps.calls = 0
+    assert steps.fixed + steps.ordinary == N - 1 and (0 < steps.fixed < N - 1 if max_len == 8 else steps.ordinary == 0)
+    steps.fixed = 0
     twice = engine.generate(PROMPTS, max_new_tokens=N, greedy=True, repeats=2)
-    assert rows_of(twice) == [r for r in refs for _ in range(2)] and fixed_steps.calls == 0
+    assert rows_of(twice) == [r for r in refs for _ in range(2)] and steps.fixed == 0
 
 
 def test_one_adapters_hooks_are_refused_by_fixed_shape_steps():
@@ -237,21 +238,12 @@ def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs):
     refs = [hf_greedy(alone[w], x, N) for w, x in zip(which, ids)]
     check_ends(refs, model, N)
     engine = Engine(model, tok, bank=bank, graphs=graphs)
+    steps = DecodeSteps(model)
     check_rollout(engine.generate(PROMPTS, max_new_tokens=N, greedy=True, adapters=which), refs, tok)
-    if graphs:
-        assert (engine.fixed.buffers is not None) == (arch in FULL_ATTENTION)  # sliding windows: the ordinary way
-
-
-def count_calls(obj, name: str):
-    """Wrap obj.name so its calls are counted (`.calls`)."""
-    counter = type("Counter", (), {"calls": 0})()
-    method = getattr(obj, name)
-
-    def counted(*args, **kwargs):
-        counter.calls += 1
-        return method(*args, **kwargs)
-    setattr(obj, name, counted)
-    return counter
+    if graphs and arch in FULL_ATTENTION:
+        assert steps.fixed == N - 1 and steps.ordinary == 0
+    else:  # sliding windows: the ordinary way
+        assert steps.fixed == 0
 
 
 def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, torch.Tensor | None]]]):
@@ -285,7 +277,7 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, gr
     eos = set(eos_list(model))
     assert any(r[-1] in eos for r in refs) and any(not eos & set(r) for r in refs), refs
     engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=chunk, graphs=graphs)
-    fixed_steps = count_calls(engine.fixed, "decode") if graphs else None
+    steps = DecodeSteps(model)
     schedule = {}
     for t, k, w, n in plan:
         schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
@@ -295,8 +287,10 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, gr
     for row, ref in zip(rows, refs):
         assert row.finish_reason == ("stop" if ref[-1] in eos else "length")
     assert engine.cache is None and engine.row_R is None  # every row has left
-    if graphs:  # every decode step took the fixed path: one per token after a row's first
-        assert fixed_steps.calls >= max(n for *_, n in plan) - 1 and not engine.fixed.capture
+    if graphs:  # every decode step took the fixed path, with no host sync inside
+        assert steps.fixed >= max(n for *_, n in plan) - 1 and steps.ordinary == 0 and not engine.fixed.capture
+    else:
+        assert steps.fixed == 0 and steps.ordinary > 0
 
 
 # ---- 4. the OpenAI-compatible server ---------------------------------------------------------------------

@@ -309,3 +309,9 @@ class Adapter(nn.Module):
 def attach(model: nn.Module, config: AdapterConfig | None = None, **kwargs) -> Adapter:
     """Make `model` a TinyLoRA model: the returned Adapter owns the only trainable tensors."""
     return Adapter(model, config or AdapterConfig(), **kwargs)
+
+
+def attached(model: nn.Module) -> Adapter | None:
+    """The adapter whose hooks are on `model` (attach, load_adapter, an AdapterBank), if any."""
+    adapter = getattr(model, "_tinylora_adapter", None)
+    return adapter if adapter is not None and adapter._hooks else None

@@ -114,6 +114,8 @@ def cmd_serve(args) -> None:
     mc = config_from(ModelConfig, args)
     name = args.served_model_name or mc.model
     model, tokenizer = load_model(mc.model, mc.dtype, mc.device)
+    if args.graphs and next(model.parameters()).device.type != "cuda":
+        raise ValueError("--graphs replays CUDA graphs: it needs a CUDA model (--device cuda or auto on a GPU)")
     server = build_server(model, tokenizer, name=name, adapters=args.adapters, limits=config_from(Limits, args),
                           strict=args.strict, weights=args.weights, api_key=args.api_key,
                           allow_runtime_adapters=args.allow_runtime_adapters, graphs=args.graphs)
@@ -218,8 +220,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="serve adapters even if their base fingerprint differs")
     p.add_argument("--graphs", action="store_true",
-                   help="GPU: decode steps replayed as CUDA graphs over fixed KV buffers (max-batch rows x 4,096 "
-                        "tokens; longer contexts run the ordinary way)")
+                   help="GPU: decode steps replayed as CUDA graphs over KV buffers of max-batch rows x 4,096 "
+                        "tokens, allocated once (longer contexts run the ordinary way)")
     add_config_args(p.add_argument_group("limits"), Limits)
     p.add_argument("--graceful-seconds", type=int, default=60,
                    help="on shutdown, wait this long for requests in flight (default: 60)")

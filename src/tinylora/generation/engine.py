@@ -37,8 +37,8 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
-from tinylora.generation.graphs import FixedStep
-from tinylora.generation.kv import Prefill, in_slots, join_rows, shift_columns, with_cache
+from tinylora.generation.graphs import FixedStep, check_fixed_steps
+from tinylora.generation.kv import Prefill, SlotLayer, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.sampling import pick_tokens
 
 
@@ -101,9 +101,7 @@ class Engine:
         self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
         self.fixed = None
         if graphs:
-            if self.adapter is not None and bank is None and not isinstance(weights, cpu_weights.Merged):
-                raise ValueError("graphs=True runs the plain model or a bank's per-row adapters; one adapter's "
-                                 "hooks are not captured: serve it from an AdapterBank")
+            check_fixed_steps(model, bank)
             self.fixed = FixedStep(model, bank.adapter if bank is not None else None, rows=max_batch,
                                    max_len=max_len, capture=self.device.type == "cuda")
         self.reset()
@@ -179,9 +177,10 @@ class Engine:
             if self.shared is not None:
                 raise FloatingPointError("the model produced non-finite logits (diverged weights or adapter?)")
             bad = (~finite).nonzero().flatten()
-            if self.fixed is not None and self.fixed.covers(self.cache):  # keep them out of masked columns
+            if self.fixed is not None:  # their keys and values must not reach a later row's masked columns
                 for layer in self.cache.layers:
-                    layer.clear_rows(bad)
+                    if isinstance(layer, SlotLayer):
+                        layer.clear_rows(bad)
             for i in bad.tolist():
                 self.running[i].finish_reason = "error"
             self._retire()
@@ -371,6 +370,8 @@ class Engine:
     def _decode(self, tok: torch.Tensor) -> None:
         """One forward of each running row's newest token [n]: the logits of the next."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)  # [n, L + 1]
+        if self.fixed is not None:
+            self.cache = self.fixed.slots(self.cache)  # back into the fixed buffers once it fits them again
         if self.fixed is not None and self.fixed.covers(self.cache):
             R = self.row_R if self.row_R is not None and len(self._adapted(self.row_R)[1]) else None
             self.logits = self.fixed.decode(self.cache, tok, self.mask, self.next_pos, R)  # [n, V]

@@ -19,9 +19,11 @@ On a CPU the same fixed-shape step runs eagerly (`capture=False`): the tests che
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
+from tinylora.adapter.model import attached
 from tinylora.generation.kv import SlotLayer, full_attention, in_slots, with_cache
 
 MIN_COLUMNS = 128  # the smallest column bucket
@@ -33,6 +35,22 @@ def bucket(n: int, cap: int, least: int = 1) -> int:
     while b < n:
         b *= 2
     return min(b, cap)
+
+
+def check_fixed_steps(model, bank) -> None:
+    """Refuse, by name, what a fixed-shape step cannot run: a 4D boolean mask is SDPA's form (eager attention
+    would add it), dynamic RoPE rescales on a host-side test of the positions, and one adapter's hooks test v
+    on the host every forward (a bank's per-row path reads s·R from a buffer instead)."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention != "sdpa":
+        raise ValueError(f"graphs=True needs attn_implementation='sdpa', this model uses {attention!r}")
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
+    if "dynamic" in kind:
+        raise ValueError(f"graphs=True cannot run {kind!r} RoPE (it rescales on a host-side test)")
+    if bank is None and attached(model) is not None:
+        raise ValueError("graphs=True runs the plain model or a bank's per-row adapters; this model has an "
+                         "adapter's hooks attached: serve it from an AdapterBank")
 
 
 class FixedStep:
@@ -52,20 +70,28 @@ class FixedStep:
         self.pool = None
 
     def slots(self, cache):
-        """The running batch's cache in the fixed buffers (ordinary SlotLayers when it does not fit them)."""
+        """The running batch's cache in the fixed buffers: at the start of a batch, or when a batch that outgrew
+        them fits again (one copy). A cache that does not fit stays in (or moves to) ordinary buffers."""
         first = cache.layers[0]
         n, width = first.keys.shape[0], first.keys.shape[2]
+        if self.covers(cache):
+            return cache
         if n > self.rows or width >= self.max_len or not full_attention(cache):
             return in_slots(cache)
-        if self.buffers is None:
-            self.buffers = [tuple(torch.zeros(self.rows, x.shape[1], self.max_len, x.shape[3], dtype=x.dtype,
-                                              device=x.device) for x in (layer.keys, layer.values))
-                            for layer in cache.layers]
+        with torch.inference_mode(False):  # a server step runs in inference mode; the buffers outlive it
+            if self.buffers is None:
+                self.buffers = [tuple(torch.zeros(self.rows, x.shape[1], self.max_len, x.shape[3], dtype=x.dtype,
+                                                  device=x.device) for x in (layer.keys, layer.values))
+                                for layer in cache.layers]
+            else:  # nothing a previous batch left (stale rows, columns) can reach a masked column as NaN
+                for k, v in self.buffers:
+                    k.zero_()
+                    v.zero_()
         return in_slots(cache, self.buffers)
 
     def covers(self, cache) -> bool:
-        """Whether the next step of this cache can run at fixed shapes (its layers still in the buffers, room for
-        one more column)."""
+        """Whether the next step of this cache can run at fixed shapes (its layers in the buffers, room for one
+        more column)."""
         if self.buffers is None or len(cache.layers) != len(self.buffers):
             return False
         return all(isinstance(layer, SlotLayer) and layer.fixed and layer.kbuf is k and layer.width < self.max_len
@@ -88,7 +114,8 @@ class FixedStep:
         self.col.fill_(width - 1)
         if R is not None:
             if self.R is None:
-                self.R = R.new_zeros(self.rows, *R.shape[1:])
+                with torch.inference_mode(False):
+                    self.R = R.new_zeros(self.rows, *R.shape[1:])
             self.R[:n] = R
             self.R[n:rows] = 0
         layers = cache.layers
@@ -97,12 +124,15 @@ class FixedStep:
         try:
             key = (rows, cols, R is not None)
             if not self.capture:
-                logits = self._forward(cache, *key)
+                logits = self.forward(cache, *key)
             else:
                 if key not in self.graphs:
                     self.graphs[key] = self._capture(cache, key)
-                graph, logits = self.graphs[key]
-                graph.replay()
+                if self.graphs[key] is None:  # its capture failed: this shape runs eagerly
+                    logits = self.forward(cache, *key)
+                else:
+                    graph, logits = self.graphs[key]
+                    graph.replay()
         finally:
             for layer in layers:
                 layer.step_view = None
@@ -110,7 +140,8 @@ class FixedStep:
             layer.grow(1)
         return logits[:n, -1].clone()  # [n, V]: the graph's output is overwritten by its next replay
 
-    def _forward(self, cache, rows: int, cols: int, adapted: bool) -> torch.Tensor:
+    def forward(self, cache, rows: int, cols: int, adapted: bool) -> torch.Tensor:
+        """The fixed-shape forward of the inputs in the buffers, run eagerly (what a graph records): [rows, 1, V]."""
         if adapted:
             ctx = self.adapter.per_row(self.R[:rows], cached=False)  # R changes in place between replays
         elif self.adapter is not None:
@@ -121,17 +152,23 @@ class FixedStep:
             return self.model(input_ids=self.tok[:rows], attention_mask=self.mask[:rows, :, :, :cols],
                               position_ids=self.pos[:rows], **with_cache(self.model, cache)).logits  # [rows, 1, V]
 
-    def _capture(self, cache, key: tuple) -> tuple:
-        """Record the step for `key`; the recording itself runs nothing, so the step is first run eagerly on a
-        side stream (it writes the same column the replay then writes), which also builds what the adapter
-        caches lazily outside the graph."""
+    def _capture(self, cache, key: tuple) -> tuple | None:
+        """Record the step for `key` (None if it cannot be captured: it then runs eagerly). The recording runs
+        nothing, so the step first runs eagerly on a side stream (writing the same column the replay then
+        writes), which also builds what the adapter caches lazily, outside the graph. Capture errors are
+        thread-local: a server's request threads may use the GPU meanwhile."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(cache, *key)
+            self.forward(cache, *key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(cache, *key)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = self.forward(cache, *key)
+        except RuntimeError as e:
+            warnings.warn(f"decode step {key} (rows, columns, adapted) could not be captured as a CUDA graph; "
+                          f"it runs eagerly: {e}", stacklevel=2)
+            return None
         self.pool = self.pool or graph.pool()
         return graph, logits

@@ -186,19 +186,23 @@ class SlotLayer(DynamicLayer):
 
 
 def full_attention(cache) -> bool:
-    """Whether every layer of a freshly prefilled cache attends to the whole context (no sliding window)."""
-    return {type(layer) for layer in cache.layers} == {DynamicLayer}
+    """Whether every layer attends to the whole context (no sliding window): a prefill's DynamicLayers, or
+    SlotLayers (a chunked prefill's, or a running batch's)."""
+    return all(type(layer) in (DynamicLayer, SlotLayer) for layer in cache.layers)
 
 
 def in_slots(cache, buffers: list[tuple] | None = None):
     """The running batch's cache: every layer's keys and values moved into buffers allocated ahead (SlotLayer),
     so a decode step writes its column in place instead of copying the whole cache. A model with sliding-window
     layers keeps its own cache (and its batch admits no rows while it runs: see cache_layers).
-    `buffers`: one fixed (keys, values) pair per layer to use instead (generation/graphs.py)."""
+    `buffers`: one fixed (keys, values) pair per layer to move into instead (generation/graphs.py)."""
     if not full_attention(cache):  # sliding windows: left as they are
         return cache
-    buffers = buffers or [None] * len(cache.layers)
-    cache.layers = [SlotLayer(layer.keys, layer.values, b) for layer, b in zip(cache.layers, buffers)]
+    if buffers is None:
+        cache.layers = [layer if isinstance(layer, SlotLayer) else SlotLayer(layer.keys, layer.values)
+                        for layer in cache.layers]
+    else:
+        cache.layers = [SlotLayer(layer.keys, layer.values, b) for layer, b in zip(cache.layers, buffers)]
     return cache
 
 

@@ -1,0 +1,73 @@
+"""Fixed-shape decode steps (Engine(graphs=True), generation/graphs.py) on a CPU, where they run eagerly: what
+they refuse, what a failed row leaves behind in the shared buffers, and a server's inference mode.
+tests/test_against_generate.py checks their tokens against `model.generate`."""
+
+import pytest
+import test_against_generate as against_generate
+import torch
+from fixed_steps import DecodeSteps
+from test_against_generate import FULL_ATTENTION, PROMPTS, bank_and_references, hf_greedy, ids_of, run_schedule
+
+from tinylora import AdapterConfig, attach
+from tinylora.generation import graphs
+from tinylora.generation.bank import AdapterBank
+from tinylora.generation.engine import Engine, Sampling
+from tinylora.testing import tiny_model_and_tokenizer
+
+GREEDY = Sampling(max_new_tokens=8, temperature=0)
+
+
+def test_what_a_fixed_step_cannot_run_is_refused_by_name():
+    model, tok = tiny_model_and_tokenizer("llama", attn_implementation="eager")
+    with pytest.raises(ValueError, match="sdpa"):  # eager attention would add the boolean mask
+        Engine(model, tok, graphs=True)
+    model, tok = tiny_model_and_tokenizer("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="dynamic"):
+        Engine(model, tok, graphs=True)
+    model, tok = tiny_model_and_tokenizer("llama")
+    ad = attach(model, AdapterConfig(u=1, n_tie=4), progress=False)
+    for kwargs in ({"adapter": ad, "weights": "hooks"}, {}):  # passed in, or only attached to the model
+        with pytest.raises(ValueError, match="AdapterBank"):
+            Engine(model, tok, graphs=True, **kwargs)
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_rows_join_and_leave_across_every_column_bucket(arch, monkeypatch):
+    """Columns rounded up from 2 (not 128): the tiny prompts cross every bucket boundary."""
+    monkeypatch.setattr(graphs, "MIN_COLUMNS", 2)
+    against_generate.test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, 2, True)
+
+
+def test_a_failed_rows_keys_and_values_never_reach_a_later_row(monkeypatch):
+    """A row whose adapter gives NaN leaves its keys and values in its slot of the shared buffers: a 7-token
+    prompt. After it fails, the batch is trimmed to 2 columns and a 1-token row joins that slot; the columns it
+    does not write are masked, and a masked NaN would still make its output NaN. Then a `generate()` that raises
+    on such a row, and a healthy one after it on the same engine."""
+    model, tok, bank, alone = bank_and_references("llama")
+    short, long = ids_of(tok, PROMPTS[3]), ids_of(tok, PROMPTS[2])
+    ref = hf_greedy(alone[None], short, GREEDY.max_new_tokens)
+    broken = torch.full_like(bank.zeros(), float("nan"))
+    engine = Engine(model, tok, bank=bank, graphs=True, max_batch=4)
+    steps = DecodeSteps(model)
+    rows = run_schedule(engine, {0: [(short, GREEDY, None), (long, GREEDY, broken)], 1: [(short, GREEDY, None)]})
+    assert rows[1].finish_reason == "error" and rows[1].tokens == []
+    assert rows[0].tokens == ref and rows[2].tokens == ref and steps.fixed > 0 and steps.ordinary == 0
+    with monkeypatch.context() as patched:
+        patched.setattr(bank, "stack", lambda names: [broken for _ in names])
+        with pytest.raises(FloatingPointError):
+            engine.generate([PROMPTS[2], PROMPTS[3]], max_new_tokens=8, greedy=True, adapters=["x", "y"])
+    healthy = engine.generate([PROMPTS[3]], max_new_tokens=8, greedy=True, adapters=[None])
+    assert healthy.completion_ids[0, :len(ref)].tolist() == ref
+
+
+def test_a_server_engine_allocates_its_buffers_outside_inference_mode(tmp_path):
+    """The server steps under torch.inference_mode(); the fixed buffers outlive those steps, and a later
+    `generate()` (outside it) writes into them."""
+    model, tok = tiny_model_and_tokenizer("llama")
+    bank = AdapterBank(model, config=AdapterConfig(u=1, n_tie=4), progress=False)
+    bank.add("a", bank.config, torch.full((len(bank.adapter.groups), 1), 0.5))
+    engine = Engine(model, tok, bank=bank, graphs=True)
+    with torch.inference_mode():
+        served = run_schedule(engine, {0: [(ids_of(tok, PROMPTS[0]), GREEDY, bank.get("a"))]})
+    again = engine.generate([PROMPTS[0]], max_new_tokens=8, greedy=True, adapters=["a"])
+    assert again.completion_ids[0, :len(served[0].tokens)].tolist() == served[0].tokens
