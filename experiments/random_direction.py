@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
+import tempfile
 from pathlib import Path
 
 from tinylora.api import DataConfig, ModelConfig, evaluate
@@ -43,10 +45,12 @@ def control(run_dir: Path, seed: int) -> dict:
     row = settings(run_dir)
     model = row.get("model") or DEFAULT_MODEL
     out = run_dir / f"eval_random_direction_{seed}.jsonl"
+    scratch = Path(tempfile.mkdtemp()) / out.name  # written elsewhere, so git never sees a partial file
     result = evaluate(ModelConfig(model=model), DataConfig(levels=row["levels"], eval_n=int(row["eval-n"])),
                       adapter=str(run_dir / "adapter.safetensors"), split="test", n=int(row["eval-n"]),
-                      max_new_tokens=int(row["max-new-tokens"]), random_direction=seed, out=str(out),
+                      max_new_tokens=int(row["max-new-tokens"]), random_direction=seed, out=str(scratch),
                       progress=False)
+    shutil.move(scratch, out)
     c = compare(run_dir / "eval_final.jsonl", out)  # B = the random direction, A = the trained v
     strict, lenient = c["rule"], c["lenient"]
     return {"sweep": run_dir.parent.name, "run": run_dir.name, "model": model, "seed": seed,
