@@ -32,17 +32,18 @@ COLUMNS = ["sweep", "run", "model", "seed", "v_norm", "acc", "lenient", "trained
            "gained", "lost", "mcnemar_p", "lenient_gained", "lenient_lost", "lenient_mcnemar_p"]
 
 
-def settings(run_dir: Path) -> dict:
+def settings(run_dir: Path, docs: Path = DOCS) -> dict:
     """The run's results.csv row (model, levels, eval-n, max-new-tokens)."""
-    sweep = run_dir.parent.name
-    row = read_results(DOCS / f"{sweep}.csv").get(run_dir.name)
+    csv_path = docs / f"{run_dir.parent.name}.csv"
+    row = read_results(csv_path).get(run_dir.name)
     if row is None or row.get("status") != "done":
-        raise ValueError(f"{run_dir}: no finished run {run_dir.name!r} in {DOCS / f'{sweep}.csv'}")
+        raise ValueError(f"{run_dir}: no finished run {run_dir.name!r} in {csv_path}")
     return row
 
 
-def control(run_dir: Path, seed: int) -> dict:
-    row = settings(run_dir)
+def control(run_dir: Path, seed: int, docs: Path = DOCS) -> dict:
+    """Evaluate the run's adapter with a random direction of its norm; its CSV row."""
+    row = settings(run_dir, docs)
     model = row.get("model") or DEFAULT_MODEL
     out = run_dir / f"eval_random_direction_{seed}.jsonl"
     scratch = Path(tempfile.mkdtemp()) / out.name  # written elsewhere, so git never sees a partial file
@@ -61,22 +62,20 @@ def control(run_dir: Path, seed: int) -> dict:
             "lenient_mcnemar_p": f"{lenient['mcnemar_p']:.3g}"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="docs/reproduction/trained/SWEEP/RUN folders")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    args = p.parse_args()
-    done = set()
-    if OUT.is_file():
-        with open(OUT, newline="") as f:
+def run_controls(runs: list[Path], seeds: list[int], docs: Path = DOCS) -> list[dict]:
+    """Every (run, seed) not yet in docs/random_direction.csv, appended as each finishes; the new rows."""
+    out, done, rows = docs / OUT.name, set(), []
+    if out.is_file():
+        with open(out, newline="") as f:
             done = {(r["sweep"], r["run"], int(r["seed"])) for r in csv.DictReader(f)}
-    for run_dir in args.runs:
-        for seed in args.seeds:
+    for run_dir in runs:
+        for seed in seeds:
             if (run_dir.parent.name, run_dir.name, seed) in done:
                 continue
-            row = control(run_dir, seed)
-            new = not OUT.is_file()
-            with open(OUT, "a", newline="") as f:  # one whole line per finished evaluation
+            row = control(run_dir, seed, docs)
+            rows.append(row)
+            new = not out.is_file()
+            with open(out, "a", newline="") as f:  # one whole line per finished evaluation
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 if new:
                     w.writeheader()
@@ -85,6 +84,15 @@ def main() -> None:
                   f"{100 * row['lenient']:.1f}% lenient (trained v {100 * row['trained_acc']:.1f}%, "
                   f"{100 * row['trained_lenient']:.1f}%); {row['gained']} gained, {row['lost']} lost, "
                   f"p = {row['mcnemar_p']}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="docs/reproduction/trained/SWEEP/RUN folders")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = p.parse_args()
+    run_controls(args.runs, args.seeds)
 
 
 if __name__ == "__main__":
