@@ -145,8 +145,7 @@ def test_base_batch_equals_generate_per_prompt(arch, weights):
 @pytest.mark.parametrize("max_len", [8, 4096])
 def test_fixed_shape_steps_of_the_plain_model_equal_generate_and_fall_back_when_the_buffers_are_outgrown(max_len):
     """graphs=True on the plain model: prompts of 1 to 7 tokens + 12 new ones outgrow 8 columns mid-way (those
-    steps then run the ordinary way), and 12 rows outgrow the 6 slots of max_batch (generate() admits them all:
-    the ordinary way from the start)."""
+    steps then run the ordinary way); 12 rows (each prompt twice) grow the buffers sized for 6."""
     model, tok = base_model("qwen2")
     ids = [ids_of(tok, p) for p in PROMPTS]
     set_eos(model, stopping_tokens([[hf_greedy(model, x, N) for x in ids]], N))
@@ -155,16 +154,11 @@ def test_fixed_shape_steps_of_the_plain_model_equal_generate_and_fall_back_when_
     engine = Engine(model, tok, weights="hooks", graphs=True, max_batch=len(PROMPTS), max_len=max_len)
     steps = DecodeSteps(model)
     check_rollout(engine.generate(PROMPTS, max_new_tokens=N, greedy=True), refs, tok)
-    assert steps.fixed + steps.ordinary == N - 1 and (0 < steps.fixed < N - 1 if max_len == 8 else steps.ordinary == 0)
-    steps.fixed = 0
-    twice = engine.generate(PROMPTS, max_new_tokens=N, greedy=True, repeats=2)
-    assert rows_of(twice) == [r for r in refs for _ in range(2)] and steps.fixed == 0
-
-
-def test_one_adapters_hooks_are_refused_by_fixed_shape_steps():
-    model, tok, ad = with_adapter("llama", "alpha")
-    with pytest.raises(ValueError, match="AdapterBank"):
-        Engine(model, tok, adapter=ad, weights="hooks", graphs=True)
+    for repeats in (1, 2):
+        steps.fixed = steps.ordinary = 0
+        rows = rows_of(engine.generate(PROMPTS, max_new_tokens=N, greedy=True, repeats=repeats))
+        assert rows == [r for r in refs for _ in range(repeats)] and steps.fixed + steps.ordinary == N - 1
+        assert 0 < steps.fixed < N - 1 if max_len == 8 else steps.ordinary == 0
 
 
 # ---- 2. one attached adapter -----------------------------------------------------------------------------

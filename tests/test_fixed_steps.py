@@ -6,7 +6,17 @@ import pytest
 import test_against_generate as against_generate
 import torch
 from fixed_steps import DecodeSteps
-from test_against_generate import FULL_ATTENTION, PROMPTS, bank_and_references, hf_greedy, ids_of, run_schedule
+from test_against_generate import (
+    FULL_ATTENTION,
+    PROMPTS,
+    N,
+    bank_and_references,
+    hf_greedy,
+    ids_of,
+    rows_of,
+    run_schedule,
+    with_adapter,
+)
 
 from tinylora import AdapterConfig, attach
 from tinylora.generation import graphs
@@ -25,10 +35,35 @@ def test_what_a_fixed_step_cannot_run_is_refused_by_name():
     with pytest.raises(ValueError, match="dynamic"):
         Engine(model, tok, graphs=True)
     model, tok = tiny_model_and_tokenizer("llama")
-    ad = attach(model, AdapterConfig(u=1, n_tie=4), progress=False)
-    for kwargs in ({"adapter": ad, "weights": "hooks"}, {}):  # passed in, or only attached to the model
-        with pytest.raises(ValueError, match="AdapterBank"):
-            Engine(model, tok, graphs=True, **kwargs)
+    attach(model, AdapterConfig(u=1, n_tie=4), progress=False)
+    with pytest.raises(ValueError, match="another adapter's hooks"):  # attached, but not the engine's
+        Engine(model, tok, graphs=True)
+    model, tok = tiny_model_and_tokenizer("llama")
+    lora = attach(model, AdapterConfig(method="lora", r=1), progress=False)
+    with pytest.raises(ValueError, match="'lora' has none"):
+        Engine(model, tok, adapter=lora, weights="hooks", graphs=True)
+
+
+@pytest.mark.parametrize("weights", ["hooks", "merged"])
+def test_one_adapter_runs_in_every_row_of_fixed_steps_and_follows_its_v(weights):
+    """An engine's own adapter (a training run's rollouts): hooks run it per row from s·R (a merge leaves none
+    to run), equal to `generate` with the adapter's hooks, and a changed v (an optimizer step) is followed."""
+    model, tok, ad = with_adapter("qwen2", "alpha")
+    ids = [ids_of(tok, p) for p in PROMPTS]
+    refs = [hf_greedy(model, x, N) for x in ids]
+    with torch.no_grad():
+        ad.v.mul_(-1)
+    flipped = [hf_greedy(model, x, N) for x in ids]
+    assert flipped != refs
+    with torch.no_grad():
+        ad.v.mul_(-1)
+    engine = Engine(model, tok, adapter=ad, weights=weights, graphs=True)
+    steps = DecodeSteps(model)
+    assert rows_of(engine.generate(PROMPTS, max_new_tokens=N, greedy=True)) == refs
+    with torch.no_grad():
+        ad.v.mul_(-1)
+    assert rows_of(engine.generate(PROMPTS, max_new_tokens=N, greedy=True)) == flipped
+    assert steps.fixed == 2 * (N - 1) and steps.ordinary == 0
 
 
 @pytest.mark.parametrize("arch", FULL_ATTENTION)

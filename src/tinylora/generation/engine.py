@@ -76,9 +76,9 @@ class Engine:
         `bank`: an AdapterBank; every row then runs its own adapter (Sequence.R), the base where it has none.
         `prefill_chunk`: while rows are decoding, joining prompts go through the model this many columns per
         step (None: whole), so a long prompt delays each running row's next token by one chunk's forward.
-        `graphs`: decode steps at fixed shapes over KV buffers of max_batch rows × `max_len` columns, replayed
-        as CUDA graphs on a GPU (generation/graphs.py; on a CPU the same steps run eagerly). For the plain
-        model and bank engines; a step that does not fit the buffers runs the ordinary way.
+        `graphs`: decode steps at fixed shapes over KV buffers sized to the batch (max_batch rows, the columns
+        its rows may reach, at most `max_len`), replayed as CUDA graphs on a GPU (generation/graphs.py; on a CPU
+        the same steps run eagerly). A step that does not fit the buffers runs the ordinary way.
         """
         self.model, self.tokenizer = model, tokenizer
         self.bank = bank
@@ -101,9 +101,10 @@ class Engine:
         self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
         self.fixed = None
         if graphs:
-            check_fixed_steps(model, bank)
-            self.fixed = FixedStep(model, bank.adapter if bank is not None else None, rows=max_batch,
-                                   max_len=max_len, capture=self.device.type == "cuda")
+            check_fixed_steps(model, bank, self.adapter)
+            hooked = None if isinstance(weights, cpu_weights.Merged) else self.adapter  # a merge leaves no hooks
+            self.fixed = FixedStep(model, hooked, max_len=max_len, capture=self.device.type == "cuda")
+        self._one = None  # (v, s·R [M, r, r]) of a single adapter run per row by fixed-shape steps
         self.reset()
 
     def drop_all(self) -> None:
@@ -304,7 +305,7 @@ class Engine:
         if not self.running:
             self.running = new
             self.cache, self.mask, self.next_pos, self.logits, self.row_R = state
-            self.cache = self.fixed.slots(self.cache) if self.fixed is not None else in_slots(self.cache)
+            self.cache = self._fixed_slots() if self.fixed is not None else in_slots(self.cache)
         else:
             self._join(new, *state)
         return True
@@ -371,9 +372,12 @@ class Engine:
         """One forward of each running row's newest token [n]: the logits of the next."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)  # [n, L + 1]
         if self.fixed is not None:
-            self.cache = self.fixed.slots(self.cache)  # back into the fixed buffers once it fits them again
+            self.cache = self._fixed_slots()  # back into the fixed buffers once it fits them again
         if self.fixed is not None and self.fixed.covers(self.cache):
-            R = self.row_R if self.row_R is not None and len(self._adapted(self.row_R)[1]) else None
+            if self.bank is not None:
+                R = self.row_R if self.row_R is not None and len(self._adapted(self.row_R)[1]) else None
+            else:  # one adapter's hooks (or none): every row runs its s·R
+                R = self._one_R().expand(len(tok), -1, -1, -1) if self.fixed.adapter is not None else None
             self.logits = self.fixed.decode(self.cache, tok, self.mask, self.next_pos, R)  # [n, V]
             self.next_pos = self.next_pos + 1
             return
@@ -402,6 +406,19 @@ class Engine:
         if len(R_active) == 0:
             return self.adapter.disabled()
         return self.adapter.per_row(R_active, None if len(R_active) == len(R) else rows)
+
+    def _fixed_slots(self):
+        """The running cache in the fixed-shape step's buffers, sized for max_batch rows and the columns its rows
+        may reach (each row's remaining new tokens)."""
+        need = self.mask.shape[1] + max(s.sampling.max_new_tokens - len(s.tokens) for s in self.running)
+        return self.fixed.slots(self.cache, self.max_batch, need)
+
+    def _one_R(self) -> torch.Tensor:
+        """s·R [M, r, r] of the engine's one adapter, rebuilt when v has changed (a training step)."""
+        v = self.adapter.v.detach()
+        if self._one is None or not torch.equal(self._one[0], v):  # one host test per step, not per module
+            self._one = (v.clone(), torch.stack([self.adapter.R(i) for i in range(len(self.adapter.targets))]))
+        return self._one[1]
 
     def _adapted(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [k], R [k, M, r, r]) of the rows whose R is not zero; found once per set of rows (R changes

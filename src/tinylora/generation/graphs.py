@@ -5,8 +5,9 @@ per adapted module with per-row adapters), each launched from Python. A CUDA gra
 replays the whole step in one launch. A graph replays fixed shapes at fixed addresses, so the step runs over
 buffers that never move:
 
-- every layer's keys and values in buffers [slots, heads, max_len, d] allocated once (`kv.SlotLayer` over
-  them: joining, leaving and trimming copy within them, as they do in ordinary buffers);
+- every layer's keys and values in buffers [rows, heads, columns, d] (`kv.SlotLayer` over them: joining,
+  leaving and trimming copy within them, as in ordinary buffers), sized for the first batch (its rows, its
+  prompts and new tokens) and replaced only by a batch that needs more, up to `max_len` columns;
 - the step's inputs (each row's token, position, attention mask, s·R) copied into fixed tensors;
 - rows and columns rounded up to powers of two, one graph per (rows, columns, adapted) captured when first
   needed, all in one memory pool. Padding rows attend to one column and are ignored; padding columns are
@@ -37,10 +38,11 @@ def bucket(n: int, cap: int, least: int = 1) -> int:
     return min(b, cap)
 
 
-def check_fixed_steps(model, bank) -> None:
+def check_fixed_steps(model, bank, adapter) -> None:
     """Refuse, by name, what a fixed-shape step cannot run: a 4D boolean mask is SDPA's form (eager attention
-    would add it), dynamic RoPE rescales on a host-side test of the positions, and one adapter's hooks test v
-    on the host every forward (a bank's per-row path reads s·R from a buffer instead)."""
+    would add it), dynamic RoPE rescales on a host-side test of the positions, and adapter hooks test v on the
+    host every forward, so the step runs every adapter per row from s·R in a buffer: a bank's, or the engine's
+    own one (methods with one v) in every row; any other adapter attached to the model is refused."""
     attention = getattr(model.config, "_attn_implementation", None)
     if attention != "sdpa":
         raise ValueError(f"graphs=True needs attn_implementation='sdpa', this model uses {attention!r}")
@@ -48,53 +50,64 @@ def check_fixed_steps(model, bank) -> None:
     kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
     if "dynamic" in kind:
         raise ValueError(f"graphs=True cannot run {kind!r} RoPE (it rescales on a host-side test)")
-    if bank is None and attached(model) is not None:
-        raise ValueError("graphs=True runs the plain model or a bank's per-row adapters; this model has an "
-                         "adapter's hooks attached: serve it from an AdapterBank")
+    hooked = attached(model)
+    if bank is None and hooked is not None and hooked is not adapter:
+        raise ValueError("graphs=True runs the plain model, a bank's per-row adapters or the engine's own adapter; "
+                         "this model has another adapter's hooks attached")
+    if bank is None and adapter is not None and not adapter.method.single_v:
+        raise ValueError(f"graphs=True runs an adapter as s·R per row; method {adapter.config.method!r} has none")
 
 
 class FixedStep:
-    def __init__(self, model, adapter=None, *, rows: int, max_len: int, capture: bool):
-        """`rows` × `max_len`: the KV buffers' slots and columns. `adapter`: the bank's (per-row s·R) or None.
+    def __init__(self, model, adapter=None, *, max_len: int, capture: bool):
+        """`adapter`: the one whose hooks run (a bank's, or an engine's own), every row with its s·R; None: no
+        hooks run (none, or merged into the weights). `max_len`: the most columns the buffers may grow to.
         `capture`: replay CUDA graphs (a CUDA model); False runs the same fixed-shape forward eagerly."""
-        self.model, self.adapter, self.capture = model, adapter, capture
-        self.rows, self.max_len = rows, max_len
-        device = next(model.parameters()).device
-        self.tok = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [S, 1]
-        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [S, 1]
-        self.mask = torch.zeros(rows, 1, 1, max_len, dtype=torch.bool, device=device)  # [S, 1, 1, L] True: attend
-        self.col = torch.zeros(1, dtype=torch.long, device=device)  # the column this step writes
+        self.model, self.adapter, self.capture, self.max_len = model, adapter, capture, max_len
+        self.device = next(model.parameters()).device
+        self.rows = self.cols = 0  # the buffers' size: allocated for the first batch, grown for a larger one
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: keys, values [S, H, C, d]
+        self.col = torch.zeros(1, dtype=torch.long, device=self.device)  # the column this step writes
         self.R: torch.Tensor | None = None  # [S, M, r, r] every row's s·R, once an adapted step needs it
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: keys, values [S, H, L, d]
-        self.graphs: dict[tuple, tuple] = {}  # (rows, columns, adapted) -> (CUDAGraph, its logits)
+        self.graphs: dict[tuple, tuple | None] = {}  # (rows, columns, adapted) -> (CUDAGraph, its logits)
         self.pool = None
 
-    def slots(self, cache):
-        """The running batch's cache in the fixed buffers: at the start of a batch, or when a batch that outgrew
-        them fits again (one copy). A cache that does not fit stays in (or moves to) ordinary buffers."""
+    def slots(self, cache, rows: int, cols: int):
+        """The running batch's cache in the fixed buffers, for a batch of at most `rows` rows and `cols` columns:
+        at its start, or when a batch that outgrew them fits again (one copy); buffers too small are replaced
+        (their graphs dropped). A cache that cannot fit stays in (or moves to) ordinary buffers."""
         first = cache.layers[0]
         n, width = first.keys.shape[0], first.keys.shape[2]
-        if self.covers(cache):
+        rows, cols = max(rows, n), min(max(cols, width + 1), self.max_len)
+        if self.covers(cache) and rows <= self.rows and cols <= self.cols:
             return cache
-        if n > self.rows or width >= self.max_len or not full_attention(cache):
+        if width >= self.max_len or not full_attention(cache):
             return in_slots(cache)
         with torch.inference_mode(False):  # a server step runs in inference mode; the buffers outlive it
-            if self.buffers is None:
-                self.buffers = [tuple(torch.zeros(self.rows, x.shape[1], self.max_len, x.shape[3], dtype=x.dtype,
-                                                  device=x.device) for x in (layer.keys, layer.values))
-                                for layer in cache.layers]
+            if rows > self.rows or cols > self.cols:
+                self._allocate(cache, max(rows, self.rows), max(bucket(cols, self.max_len, MIN_COLUMNS), self.cols))
             else:  # nothing a previous batch left (stale rows, columns) can reach a masked column as NaN
                 for k, v in self.buffers:
                     k.zero_()
                     v.zero_()
         return in_slots(cache, self.buffers)
 
+    def _allocate(self, cache, rows: int, cols: int) -> None:
+        """Buffers of `rows` × `cols` for every layer and input; the graphs of the old ones are dropped."""
+        self.rows, self.cols = rows, cols
+        self.buffers = [tuple(torch.zeros(rows, x.shape[1], cols, x.shape[3], dtype=x.dtype, device=x.device)
+                              for x in (layer.keys, layer.values)) for layer in cache.layers]
+        self.tok = torch.zeros(rows, 1, dtype=torch.long, device=self.device)  # [S, 1]
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=self.device)  # [S, 1]
+        self.mask = torch.zeros(rows, 1, 1, cols, dtype=torch.bool, device=self.device)  # [S, 1, 1, C] True: attend
+        self.R, self.graphs, self.pool = None, {}, None
+
     def covers(self, cache) -> bool:
         """Whether the next step of this cache can run at fixed shapes (its layers in the buffers, room for one
         more column)."""
         if self.buffers is None or len(cache.layers) != len(self.buffers):
             return False
-        return all(isinstance(layer, SlotLayer) and layer.fixed and layer.kbuf is k and layer.width < self.max_len
+        return all(isinstance(layer, SlotLayer) and layer.fixed and layer.kbuf is k and layer.width < self.cols
                    for layer, (k, _) in zip(cache.layers, self.buffers))
 
     @torch.no_grad()
@@ -103,7 +116,7 @@ class FixedStep:
         """One decode step: tokens [n], the mask with this step's column [n, width], positions [n], and every
         row's s·R [n, M, r, r] (None: no row has an adapter). Returns the logits [n, V]."""
         n, width = mask.shape
-        rows, cols = bucket(n, self.rows), bucket(width, self.max_len, MIN_COLUMNS)
+        rows, cols = bucket(n, self.rows), bucket(width, self.cols, MIN_COLUMNS)
         self.tok.zero_()
         self.tok[:n, 0] = tok
         self.pos.zero_()

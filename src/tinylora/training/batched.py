@@ -103,7 +103,7 @@ class BatchedTrainer:
         for m in members:
             check_problems(m.cfg, m.problems, where=f"adapter {m.name!r}: ")
         self.rewards = [load_reward(m.cfg.reward) for m in members]
-        self.engine = Engine(model, tokenizer, weights=self.cfg.rollout_weights, bank=bank)
+        self.engine = Engine(model, tokenizer, weights=self.cfg.rollout_weights, bank=bank, graphs=self.cfg.graphs)
         self.stop_requested = False
 
     # ---- one step ---------------------------------------------------------------------------

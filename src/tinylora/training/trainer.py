@@ -90,7 +90,7 @@ class Trainer:
         self.progress = progress and self.rank == 0
         # rollouts: a fast weight copy with the adapter as hooks, or the adapter merged in for each rollout
         self.engine = Engine(model, tokenizer, weights=cfg.rollout_weights if cfg.algo == "grpo" else "merged",
-                             adapter=adapter, exact=True)
+                             adapter=adapter, exact=True, graphs=cfg.graphs)
         self.stop_requested = False
 
     # ---- one step ---------------------------------------------------------------------------
