@@ -72,6 +72,11 @@ def test_train_reports_bad_data_with_its_line(model_dir, tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
+def test_graphs_off_a_gpu_is_refused_by_name(model_dir, tmp_path, capsys):
+    assert main(["train", "--model", model_dir, "--device", "cpu", "--graphs", "--out", str(tmp_path / "r")]) == 2
+    assert "--graphs" in capsys.readouterr().err
+
+
 def test_sft_from_the_command_line(model_dir, tmp_path):
     out = tmp_path / "sft"
     assert main(["train", "--model", model_dir, "--algo", "sft", "--method", "lora-xs", "--steps", "2",

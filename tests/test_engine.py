@@ -244,8 +244,8 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype, graphs):
         assert engine.fixed.capture and all(g is not None for g in engine.fixed.graphs.values())
         eager = Engine(model, tok, bank=bank, max_batch=3, graphs=True)
         eager.fixed.capture = False
-        sampled = {t: [(p, Sampling(max_new_tokens=n, temperature=1.0, seed=t), R) for p, _, R in rows_at]
-                   for t, rows_at in schedule.items()}
+        sampled = {t: [(p, Sampling(max_new_tokens=s.max_new_tokens, temperature=1.0, seed=t), R)
+                       for p, s, R in rows_at] for t, rows_at in schedule.items()}
         replayed, ran = run_until_idle(engine, sampled), run_until_idle(eager, sampled)
         if dtype == torch.float32:  # (cuBLAS may pick other kernels inside a capture: not bit for bit)
             assert [r.tokens for r in replayed] == [r.tokens for r in ran]
@@ -254,6 +254,32 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype, graphs):
         else:
             pairs = [(x, y) for a, b in zip(replayed, ran) for x, y in zip(a.tokens, b.tokens)]
             assert sum(x == y for x, y in pairs) >= 0.9 * len(pairs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+@pytest.mark.parametrize("weights", ["hooks", "merged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_graphs_of_a_training_runs_rollouts_follow_its_v(dtype, weights):
+    """On CUDA, a training run's engine (its own adapter, as hooks or merged) replaying captured graphs samples
+    what the same fixed-shape steps run eagerly sample, before and after an in-place change of v (an optimizer
+    step), and no capture fell back to eager."""
+    model, tok = tiny_model_and_tokenizer("llama")
+    model = model.to("cuda", dtype)
+    ad = attach(model, AdapterConfig(u=2, n_tie=4), progress=False)
+    with torch.no_grad():
+        ad.v.copy_(torch.randn(ad.v.shape, generator=torch.Generator().manual_seed(0)).to(ad.v) * 2.0)
+    engines = [Engine(model, tok, adapter=ad, weights=weights, graphs=True) for _ in range(2)]
+    engines[1].fixed.capture = False
+    for _ in range(2):
+        a, b = (e.generate(PROMPTS, max_new_tokens=10, repeats=2, seed=5) for e in engines)
+        if dtype == torch.float32:
+            assert a.completion_ids.tolist() == b.completion_ids.tolist()
+            torch.testing.assert_close(a.logp_rollout, b.logp_rollout, rtol=1e-4, atol=1e-5)
+        else:
+            assert (a.completion_ids == b.completion_ids).float().mean() >= 0.9
+        with torch.no_grad():
+            ad.v.mul_(-1)
+    assert engines[0].fixed.graphs and all(g is not None for g in engines[0].fixed.graphs.values())
 
 
 def test_ignore_eos_runs_to_max_new_tokens():

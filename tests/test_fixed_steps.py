@@ -42,6 +42,7 @@ def test_what_a_fixed_step_cannot_run_is_refused_by_name():
     lora = attach(model, AdapterConfig(method="lora", r=1), progress=False)
     with pytest.raises(ValueError, match="'lora' has none"):
         Engine(model, tok, adapter=lora, weights="hooks", graphs=True)
+    Engine(model, tok, adapter=lora, weights="merged", graphs=True)  # merged: no hooks run
 
 
 @pytest.mark.parametrize("weights", ["hooks", "merged"])
@@ -106,3 +107,32 @@ def test_a_server_engine_allocates_its_buffers_outside_inference_mode(tmp_path):
         served = run_schedule(engine, {0: [(ids_of(tok, PROMPTS[0]), GREEDY, bank.get("a"))]})
     again = engine.generate([PROMPTS[0]], max_new_tokens=8, greedy=True, adapters=["a"])
     assert again.completion_ids[0, :len(served[0].tokens)].tolist() == served[0].tokens
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_buffers_grown_while_a_batch_runs_keep_its_keys_and_values(arch, monkeypatch):
+    """Buffers sized for a first short row (column buckets from 2), then rows join that need more columns, one with
+    a longer prompt that shifts the batch right: the buffers are replaced mid-batch, the running rows' keys and
+    values carried over, and every row still equals `model.generate` with its adapter."""
+    monkeypatch.setattr(graphs, "MIN_COLUMNS", 2)
+    model, tok, bank, alone = bank_and_references(arch)
+    ids = [ids_of(tok, p) for p in PROMPTS]
+    plan = [(0, 3, "alpha", 2), (0, 1, None, 3), (1, 0, "beta", 12), (3, 2, "gamma", 12), (5, 5, None, 12)]
+    refs = [hf_greedy(alone[w], ids[k], n) for _, k, w, n in plan]
+    engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=2, graphs=True)
+    columns = []  # the buffers' columns at each fixed step, with whether rows were running from before
+    decode = engine.fixed.decode
+
+    def recorded(*args, **kwargs):
+        columns.append(engine.fixed.cols)
+        return decode(*args, **kwargs)
+    monkeypatch.setattr(engine.fixed, "decode", recorded)
+    steps = DecodeSteps(model)
+    schedule = {}
+    for t, k, w, n in plan:
+        schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
+                                           None if w is None else bank.get(w)))
+    rows = run_schedule(engine, schedule)
+    assert [r.tokens for r in rows] == refs
+    assert len(set(columns)) > 1 and columns == sorted(columns)  # grown while the batch ran
+    assert steps.ordinary == 0

@@ -215,6 +215,9 @@ def train(model: ModelConfig | None = None, data: DataConfig | None = None, adap
         cfg = replace(cfg, suffix=data.instruction())
     from tinylora.training.trainer import check_v_dtype
     check_v_dtype(adapter)  # before the model loads
+    if cfg.graphs and not resolve_device(model.device).startswith("cuda"):
+        raise ValueError(f"graphs=True (--graphs) replays CUDA graphs; the model runs on "
+                         f"{resolve_device(model.device)}: use --device cuda, or leave --graphs off")
     if data.adapter_column is not None:
         from tinylora.training.per_adapter import train_per_adapter
         return train_per_adapter(model, data, adapter, cfg, run)

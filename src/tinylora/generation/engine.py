@@ -101,8 +101,8 @@ class Engine:
         self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
         self.fixed = None
         if graphs:
-            check_fixed_steps(model, bank, self.adapter)
             hooked = None if isinstance(weights, cpu_weights.Merged) else self.adapter  # a merge leaves no hooks
+            check_fixed_steps(model, bank, self.adapter, hooked)
             self.fixed = FixedStep(model, hooked, max_len=max_len, capture=self.device.type == "cuda")
         self._one = None  # (v, s·R [M, r, r]) of a single adapter run per row by fixed-shape steps
         self.reset()
@@ -410,7 +410,7 @@ class Engine:
     def _fixed_slots(self):
         """The running cache in the fixed-shape step's buffers, sized for max_batch rows and the columns its rows
         may reach (each row's remaining new tokens)."""
-        need = self.mask.shape[1] + max(s.sampling.max_new_tokens - len(s.tokens) for s in self.running)
+        need = self.mask.shape[1] + max(s.sampling.max_new_tokens - len(s.tokens) for s in self.running) - 1
         return self.fixed.slots(self.cache, self.max_batch, need)
 
     def _one_R(self) -> torch.Tensor:

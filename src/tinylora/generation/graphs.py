@@ -3,7 +3,7 @@
 At decode shapes a GPU is launch-bound: a step of the default model is hundreds of small kernels (three more
 per adapted module with per-row adapters), each launched from Python. A CUDA graph records them once and
 replays the whole step in one launch. A graph replays fixed shapes at fixed addresses, so the step runs over
-buffers that never move:
+buffers that stay put while their graphs live:
 
 - every layer's keys and values in buffers [rows, heads, columns, d] (`kv.SlotLayer` over them: joining,
   leaving and trimming copy within them, as in ordinary buffers), sized for the first batch (its rows, its
@@ -38,11 +38,11 @@ def bucket(n: int, cap: int, least: int = 1) -> int:
     return min(b, cap)
 
 
-def check_fixed_steps(model, bank, adapter) -> None:
+def check_fixed_steps(model, bank, adapter, hooked) -> None:
     """Refuse, by name, what a fixed-shape step cannot run: a 4D boolean mask is SDPA's form (eager attention
     would add it), dynamic RoPE rescales on a host-side test of the positions, and adapter hooks test v on the
-    host every forward, so the step runs every adapter per row from s·R in a buffer: a bank's, or the engine's
-    own one (methods with one v) in every row; any other adapter attached to the model is refused."""
+    host every forward, so the step runs the adapter whose hooks run (`hooked`: a bank's, or the engine's own
+    unless merged) per row from s·R in a buffer; any other adapter attached to the model is refused."""
     attention = getattr(model.config, "_attn_implementation", None)
     if attention != "sdpa":
         raise ValueError(f"graphs=True needs attn_implementation='sdpa', this model uses {attention!r}")
@@ -50,12 +50,12 @@ def check_fixed_steps(model, bank, adapter) -> None:
     kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
     if "dynamic" in kind:
         raise ValueError(f"graphs=True cannot run {kind!r} RoPE (it rescales on a host-side test)")
-    hooked = attached(model)
-    if bank is None and hooked is not None and hooked is not adapter:
+    if bank is None and attached(model) not in (None, adapter):
         raise ValueError("graphs=True runs the plain model, a bank's per-row adapters or the engine's own adapter; "
                          "this model has another adapter's hooks attached")
-    if bank is None and adapter is not None and not adapter.method.single_v:
-        raise ValueError(f"graphs=True runs an adapter as s·R per row; method {adapter.config.method!r} has none")
+    if bank is None and hooked is not None and not hooked.method.single_v:
+        raise ValueError(f"graphs=True runs an adapter's hooks as s·R per row; method {hooked.config.method!r} has "
+                         "none (merged weights run it without hooks)")
 
 
 class FixedStep:

@@ -81,9 +81,9 @@ class SlotLayer(DynamicLayer):
     rows and columns in use. A decode step writes one column; only rows joining or leaving, or a change of
     the batch's left edge, copy anything (DynamicLayer concatenates: the whole cache copied every step).
 
-    `buffers` (a fixed-shape decode step, generation/graphs.py): buffers allocated once and never replaced, so
-    a captured CUDA graph keeps reading the right memory. A layer that must outgrow them moves to buffers of its
-    own and stops being `fixed` (its steps then run the ordinary way)."""
+    `buffers` (a fixed-shape decode step, generation/graphs.py): buffers owned by the step, which replaces them
+    only between its graphs, so a captured CUDA graph keeps reading the right memory. A layer that must outgrow
+    them moves to buffers of its own and stops being `fixed` (its steps then run the ordinary way)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, buffers: tuple | None = None):
         super().__init__()

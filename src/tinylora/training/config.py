@@ -44,8 +44,8 @@ class TrainConfig:
                 "FILE.py:function or module:function, called as reward(completions, prompts, **columns)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (memory)"})
     graphs: bool = field(default=False, metadata={
-        "help": "GPU: rollout decode steps replayed as CUDA graphs over KV buffers allocated once "
-                "(generation/graphs.py; SDPA attention, methods with one v)"})
+        "help": "GPU: rollout decode steps replayed as CUDA graphs over KV buffers sized to the batch "
+                "(generation/graphs.py; SDPA attention; hooks of methods with one v, or merged weights)"})
     rollout_weights: str = field(default="auto", metadata={
         "help": "weights that generate rollouts: 'packed' (CPU, fp32: a copy pre-packed once for oneDNN, adapter "
                 "as hooks; exact and faster than merged, one more fp32 copy of the weights), 'merged' (W + ΔW, "
