@@ -9,7 +9,7 @@ docs/reproduction/SWEEP.csv.
     python experiments/random_direction.py RUN_DIR [RUN_DIR ...] [--seeds 0 1 2]
 
 Each evaluation is written beside the run (eval_random_direction_SEED.jsonl) and one row per (run, seed) is
-appended to docs/reproduction/random_direction.csv as it finishes; rerunning skips the rows already there.
+appended to docs/reproduction/trained/random_direction.csv as it finishes; rerunning skips the rows already there.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tinylora.study.results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"
-OUT = DOCS / "random_direction.csv"
+OUT = Path("trained") / "random_direction.csv"  # under the docs folder; not a sweep's CSV (progress.py)
 DEFAULT_MODEL = "embedded:qwen2.5-coder-0.5b-instruct"
 COLUMNS = ["sweep", "run", "model", "seed", "v_norm", "acc", "lenient", "trained_acc", "trained_lenient",
            "gained", "lost", "mcnemar_p", "lenient_gained", "lenient_lost", "lenient_mcnemar_p"]
@@ -63,8 +63,8 @@ def control(run_dir: Path, seed: int, docs: Path = DOCS) -> dict:
 
 
 def run_controls(runs: list[Path], seeds: list[int], docs: Path = DOCS) -> list[dict]:
-    """Every (run, seed) not yet in docs/random_direction.csv, appended as each finishes; the new rows."""
-    out, done, rows = docs / OUT.name, set(), []
+    """Every (run, seed) not yet in docs/trained/random_direction.csv, appended as each finishes; the new rows."""
+    out, done, rows = docs / OUT, set(), []
     if out.is_file():
         with open(out, newline="") as f:
             done = {(r["sweep"], r["run"], int(r["seed"])) for r in csv.DictReader(f)}

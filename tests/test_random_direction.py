@@ -49,5 +49,5 @@ def test_each_seed_is_evaluated_once_and_paired_with_the_trained_v(model_dir, tm
         assert float(r["v_norm"]) == pytest.approx(0.3, rel=1e-6) and r["acc"] == sum(c["correct"] for c in control) / 6
     assert not list(run.glob("*.partial"))
     assert [r["seed"] for r in random_direction.run_controls([run], [0, 1, 2], docs)] == [2]  # the others: done
-    with open(docs / "random_direction.csv", newline="") as f:
+    with open(docs / "trained" / "random_direction.csv", newline="") as f:
         assert [int(r["seed"]) for r in csv.DictReader(f)] == [0, 1, 2]
