@@ -180,9 +180,9 @@ def bench_serve(args) -> None:
 
 
 def bench_engine(args) -> None:
-    """The engine alone (no HTTP): 64 rows decoding together with no adapter, one adapter, or a different
-    adapter per row (of 1,000 in the bank), on a random-weight model of the default shape. `--graphs`: each
-    also with fixed-shape steps (CUDA graphs on a GPU), side by side."""
+    """The engine alone (no HTTP): 64 rows decoding together with no adapter, one adapter (its hooks, or a bank
+    row), or a different adapter per row (of 1,000 in the bank), on a random-weight model of the default shape.
+    `--graphs`: each also with fixed-shape steps (CUDA graphs on a GPU), side by side."""
     from common import median_time, random_model
 
     from tinylora.generation.engine import Engine
@@ -208,6 +208,15 @@ def bench_engine(args) -> None:
         engine = Engine(model, tok, weights=weights, max_batch=rows, graphs=graphs)
         results[plain, graphs] = median_time(lambda e=engine: run(e, lambda i: None), args.reps)
         del engine  # its fixed KV buffers
+    one = "no bank: one adapter's hooks (a training run's rollouts)"
+    adapter = attach(model, AdapterConfig(u=1, n_tie=16), progress=False)
+    with torch.no_grad():
+        adapter.v.copy_(torch.randn(adapter.v.shape, generator=gen) * 0.05)
+    for graphs in modes:
+        engine = Engine(model, tok, adapter=adapter, weights=weights, max_batch=rows, graphs=graphs)
+        results[one, graphs] = median_time(lambda e=engine: run(e, lambda i: None), args.reps)
+        del engine
+    adapter.detach()
     bank = AdapterBank(model, config=AdapterConfig(u=1, n_tie=16), progress=False)
     n_groups = len(bank.adapter.groups)
     for k in range(args.adapters):
@@ -223,7 +232,7 @@ def bench_engine(args) -> None:
             results[name, graphs] = median_time(lambda e=engine, f=R_of_row: run(e, f), args.reps)
         tokens[graphs] = [s.tokens for s in _greedy_rows(engine, prompts, R, new)]
         del engine
-    cases = [(plain, None), *cases]
+    cases = [(plain, None), (one, None), *cases]
     print(f"\nrandom weights of the default model's shape ({args.layers} layers), {dtype} on {device}; {rows} rows x "
           f"{new} new tokens, greedy, median of {args.reps}\n")
     head = ["rows run", "seconds", "tokens/s"] + (["fixed-shape steps: seconds", "tokens/s"] if args.graphs else [])
@@ -231,8 +240,9 @@ def bench_engine(args) -> None:
     table(head, [[name] + [x for g in modes for x in cells[name, g]] for name, *_ in cases])
     for g in modes:
         t = [results[name, g] for name, *_ in cases]
-        print(f"\n{'fixed-shape steps' if g else 'ordinary steps'}: distinct / one adapter: {t[2] / t[3]:.2f}x the "
-              f"throughput; per-row adapters / plain model: {t[0] / t[3]:.2f}x")
+        print(f"\n{'fixed-shape steps' if g else 'ordinary steps'}: distinct / one adapter: {t[3] / t[4]:.2f}x the "
+              f"throughput; per-row adapters / plain model: {t[0] / t[4]:.2f}x; one adapter's hooks / plain model: "
+              f"{t[0] / t[1]:.2f}x")
     if args.graphs:
         speedup = results[plain, False] / results[plain, True]
         same = sum(a == b for x, y in zip(tokens[False], tokens[True]) for a, b in zip(x, y))
