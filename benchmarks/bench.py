@@ -64,6 +64,8 @@ def main() -> None:
                    help="engine: each case also with fixed-shape steps (CUDA graphs on a GPU), side by side")
     p.add_argument("--peer", choices=["llama-batched-bench", "llama-server"], default=None,
                    help="long: llama-batched-bench; serve: llama-server (llama.cpp, built once: llama_cpp.py)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="long: the engine's KV buffers alone (skip transformers' DynamicCache, e.g. at 4,096 tokens)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     args = p.parse_args()
     if args.adapters is None:
