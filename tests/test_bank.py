@@ -154,6 +154,6 @@ def test_an_adapted_rows_output_does_not_depend_on_its_neighbours_having_adapter
     logits = {}
     for other in ("a1", None):
         R = torch.stack([bank.get("a0"), bank.get(other) if other else bank.zeros()])
-        with torch.no_grad(), engine._rows(R):
+        with torch.no_grad(), engine.adapters.context(R):
             logits[other] = model(input_ids=ids).logits[0]
     assert torch.equal(logits["a1"], logits[None])

@@ -39,6 +39,7 @@ from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
 from tinylora.generation.graphs import FixedStep, check_fixed_steps
 from tinylora.generation.kv import Prefill, SlotLayer, in_slots, join_rows, shift_columns, with_cache
+from tinylora.generation.row_adapters import RowAdapters
 from tinylora.generation.sampling import pick_tokens
 
 
@@ -99,12 +100,12 @@ class Engine:
         self.shared: list[torch.Generator] | None = None  # inside `generate`: the seeded streams rows draw from
         self._generating = False
         self.joining = None  # (groups, Prefill, R) of rows whose prompts are part way through the model
+        self.adapters = RowAdapters(bank, self.adapter)
         self.fixed = None
         if graphs:
             hooked = None if isinstance(weights, cpu_weights.Merged) else self.adapter  # a merge leaves no hooks
             check_fixed_steps(model, bank, self.adapter, hooked)
             self.fixed = FixedStep(model, hooked, max_len=max_len, capture=self.device.type == "cuda")
-        self._one = None  # (v, s·R [M, r, r]) of a single adapter run per row by fixed-shape steps
         self.reset()
 
     def drop_all(self) -> None:
@@ -118,7 +119,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.cache = None
         self.mask = self.next_pos = self.logits = self.row_R = None  # [n, L], [n], [n, V], [n, M, r, r]
-        self._active = {}  # id(R) -> (R, indices [k] of the rows with an adapter, their R [k, M, r, r])
+        self.adapters.forget()
 
     @contextlib.contextmanager
     def generating(self):
@@ -268,7 +269,7 @@ class Engine:
             ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
             mask[i, P - len(g[0].prompt):] = 1
         run = Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk)
-        return groups, run, self._stack_R([g[0] for g in groups])
+        return groups, run, self.adapters.stack([g[0].R for g in groups])
 
     def _advance(self, joining: tuple) -> bool:
         """One chunk of a prefill (all of it once no row is decoding); joins its rows when it is through.
@@ -277,7 +278,7 @@ class Engine:
         sizes = [len(g) for g in groups]
         repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
         try:
-            with self._rows(R):
+            with self.adapters.context(R):
                 logits = run.advance()  # [b, 1, V]
                 while not run.finished and not self.running:  # the rows it was sparing have all left
                     logits = run.advance()
@@ -338,7 +339,8 @@ class Engine:
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.logits = torch.cat([self.logits, logits])
         if self.row_R is not None or R is not None:
-            self.row_R = torch.cat([self._R_or_zeros(self.row_R, len(self.running)), self._R_or_zeros(R, len(new))])
+            self.row_R = torch.cat([self.adapters.or_zeros(self.row_R, len(self.running)),
+                                    self.adapters.or_zeros(R, len(new))])
         self.running += new
 
     def _retire(self) -> torch.Tensor | None:
@@ -374,62 +376,21 @@ class Engine:
         if self.fixed is not None:
             self.cache = self._fixed_slots()  # back into the fixed buffers once it fits them again
         if self.fixed is not None and self.fixed.covers(self.cache):
-            if self.bank is not None:
-                R = self.row_R if self.row_R is not None and len(self._adapted(self.row_R)[1]) else None
-            else:  # one adapter's hooks (or none): every row runs its s·R
-                R = self._one_R().expand(len(tok), -1, -1, -1) if self.fixed.adapter is not None else None
+            R = self.adapters.for_fixed_step(self.row_R, len(tok), hooked=self.fixed.adapter is not None)
             self.logits = self.fixed.decode(self.cache, tok, self.mask, self.next_pos, R)  # [n, V]
             self.next_pos = self.next_pos + 1
             return
-        with self._rows(self.row_R):
+        with self.adapters.context(self.row_R):
             self.logits = self.model(input_ids=tok[:, None], attention_mask=self.mask,
                                      position_ids=self.next_pos[:, None],
                                      **with_cache(self.model, self.cache)).logits[:, -1]  # [n, V]
         self.next_pos = self.next_pos + 1
-
-    def _stack_R(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        if self.bank is None:
-            return None
-        return torch.stack([s.R if s.R is not None else self.bank.zeros() for s in seqs])  # [b, M, r, r]
-
-    def _R_or_zeros(self, R: torch.Tensor | None, n: int) -> torch.Tensor:
-        return R if R is not None else self.bank.zeros()[None].expand(n, -1, -1, -1)
-
-    def _rows(self, R: torch.Tensor | None):
-        """The adapter context of a forward over rows with adapters R [n, M, r, r]: per-row work only for the
-        rows whose R is not zero (a zero R adds exactly nothing), none at all when no row has one."""
-        if self.bank is None:
-            return contextlib.nullcontext()
-        if R is None:
-            return self.adapter.disabled()
-        rows, R_active = self._adapted(R)
-        if len(R_active) == 0:
-            return self.adapter.disabled()
-        return self.adapter.per_row(R_active, None if len(R_active) == len(R) else rows)
 
     def _fixed_slots(self):
         """The running cache in the fixed-shape step's buffers, sized for max_batch rows and the columns its rows
         may reach (each row's remaining new tokens)."""
         need = self.mask.shape[1] + max(s.sampling.max_new_tokens - len(s.tokens) for s in self.running) - 1
         return self.fixed.slots(self.cache, self.max_batch, need)
-
-    def _one_R(self) -> torch.Tensor:
-        """s·R [M, r, r] of the engine's one adapter, rebuilt when v has changed (a training step)."""
-        v = self.adapter.v.detach()
-        if self._one is None or not torch.equal(self._one[0], v):  # one host test per step, not per module
-            self._one = (v.clone(), torch.stack([self.adapter.R(i) for i in range(len(self.adapter.targets))]))
-        return self._one[1]
-
-    def _adapted(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices [k], R [k, M, r, r]) of the rows whose R is not zero; found once per set of rows (R changes
-        only when rows join or leave; a prefill has its own)."""
-        key = id(R)
-        if key not in self._active:
-            if len(self._active) >= 4:
-                self._active.clear()
-            rows = R.flatten(1).any(dim=1).nonzero().flatten()  # [k]
-            self._active[key] = (R, rows, R if len(rows) == len(R) else R.index_select(0, rows))
-        return self._active[key][1:]  # the entry holds R itself: its id is not reused meanwhile
 
 
 @torch.no_grad()
