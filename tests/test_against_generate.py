@@ -240,6 +240,15 @@ def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs):
         assert steps.fixed == 0
 
 
+def greedy_schedule(plan, ids, bank) -> dict:
+    """plan: [(step it arrives, prompt index, adapter name or None, max_new_tokens)] → run_schedule's schedule."""
+    schedule = {}
+    for t, k, w, n in plan:
+        schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
+                                           None if w is None else bank.get(w)))
+    return schedule
+
+
 def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, torch.Tensor | None]]]):
     """schedule: {step: [(prompt ids, Sampling, R or None), ...]} added before that step; the rows in add order."""
     rows, t = [], 0
@@ -272,11 +281,7 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, gr
     assert any(r[-1] in eos for r in refs) and any(not eos & set(r) for r in refs), refs
     engine = Engine(model, tok, bank=bank, max_batch=3, prefill_chunk=chunk, graphs=graphs)
     steps = DecodeSteps(model)
-    schedule = {}
-    for t, k, w, n in plan:
-        schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
-                                           None if w is None else bank.get(w)))
-    rows = run_schedule(engine, schedule)
+    rows = run_schedule(engine, greedy_schedule(plan, ids, bank))
     assert [r.tokens for r in rows] == refs
     for row, ref in zip(rows, refs):
         assert row.finish_reason == ("stop" if ref[-1] in eos else "length")

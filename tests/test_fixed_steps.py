@@ -11,6 +11,7 @@ from test_against_generate import (
     PROMPTS,
     N,
     bank_and_references,
+    greedy_schedule,
     hf_greedy,
     ids_of,
     rows_of,
@@ -128,11 +129,7 @@ def test_buffers_grown_while_a_batch_runs_keep_its_keys_and_values(arch, monkeyp
         return decode(*args, **kwargs)
     monkeypatch.setattr(engine.fixed, "decode", recorded)
     steps = DecodeSteps(model)
-    schedule = {}
-    for t, k, w, n in plan:
-        schedule.setdefault(t, []).append((ids[k], Sampling(max_new_tokens=n, temperature=0),
-                                           None if w is None else bank.get(w)))
-    rows = run_schedule(engine, schedule)
+    rows = run_schedule(engine, greedy_schedule(plan, ids, bank))
     assert [r.tokens for r in rows] == refs
     assert len(set(columns)) > 1 and columns == sorted(columns)  # grown while the batch ran
     assert steps.ordinary == 0
