@@ -15,5 +15,5 @@ if python -c "import pytest" 2>/dev/null; then
 else
     echo "pytest is not installed here: the CUDA tests are skipped"
 fi
-timeout 240 python benchmarks/bench.py engine --device cuda --layers 24 --gen-batch 64 --new-tokens 64 \
+timeout 270 python benchmarks/bench.py engine --device cuda --layers 24 --gen-batch 64 --new-tokens 64 \
     --adapters 1000 --reps 3 --graphs
