@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The engine's GPU checks, under 5 minutes on one H100 or H200 (the device machine: torch and transformers
-# installed, no package registry). First the CUDA tests (continuous batching with per-row adapters, with and
-# without CUDA graphs, against each adapter alone), then the engine benchmark: random weights of the default
-# model's shape, bf16, 64 rows x 64 greedy tokens, ordinary steps and CUDA graphs side by side.
+# The engine's GPU checks, meant to take under 5 minutes on one H100 or H200 (not yet run on one). The device
+# machine has torch and transformers installed and no package registry. First the CUDA tests (continuous
+# batching with per-row adapters, a training engine's graphs across a change of v, each replayed graph against
+# the same step run eagerly), then the engine benchmark: random weights of the default model's shape, bf16,
+# 64 rows x 64 greedy tokens, ordinary steps and CUDA graphs side by side.
 #
 #   bash benchmarks/gpu_check.sh
 set -u
