@@ -58,6 +58,14 @@ def start(cmd: list[str], port: int, timeout: float = 600) -> subprocess.Popen:
     raise RuntimeError("server did not come up")
 
 
+def start_tinylora(model: str, adapters: Path, clients: int) -> tuple[subprocess.Popen, int]:
+    """`tinylora serve` of `model` (served as "base") and the adapters in a folder, a row per client."""
+    port = free_port()
+    return start([sys.executable, "-m", "tinylora", "serve", "--model", model, "--served-model-name", "base",
+                  "--adapters", str(adapters), "--port", str(port), "--max-batch", str(clients),
+                  "--log-level", "warning"], port), port
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -148,10 +156,7 @@ def bench_serve(args) -> None:
             f"a different adapter per request (of {args.adapters:,} loaded)": plan(distinct),
             "the same, sent inline in each request": plan(distinct, inline=True)}
     results = {}
-    port = free_port()
-    proc = start([sys.executable, "-m", "tinylora", "serve", "--model", args.model, "--served-model-name", "base",
-                  "--adapters", str(ours), "--port", str(port), "--max-batch", str(clients),
-                  "--log-level", "warning"], port)
+    proc, port = start_tinylora(args.model, ours, clients)
     try:
         for name, bodies in runs.items():
             results[f"tinylora serve: {name}"] = asyncio.run(drive(port, bodies))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import table
 from llama_cpp import binaries, f32_gguf, lora_gguf
-from serve_load import free_port, start, stop, write_adapters
+from serve_load import free_port, start, start_tinylora, stop, write_adapters
 
 from tinylora.models import load_model
 from tinylora.tasks.prompts import chat_prompts
@@ -94,10 +94,7 @@ def bench_serve_peer(args) -> None:
 
     distinct = lambda i: {"model": f"a{(i * 7919) % args.adapters:04d}"}  # noqa: E731
     results = {}
-    port = free_port()
-    proc = start([sys.executable, "-m", "tinylora", "serve", "--model", args.model, "--served-model-name", "base",
-                  "--adapters", str(ours), "--port", str(port), "--max-batch", str(clients),
-                  "--log-level", "warning"], port)
+    proc, port = start_tinylora(args.model, ours, clients)
     try:
         for new in LENGTHS:
             per = args.requests_per_client if new <= 32 else 1
