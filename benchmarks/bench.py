@@ -9,11 +9,12 @@
     python benchmarks/bench.py memory    # peak RSS of a training step: tinylora vs LoRA r=1 vs full
     python benchmarks/bench.py serve     # tinylora serve, 32 clients, 1 vs 1,000 adapters vs PEFT set_adapter
                                          # (--peer llama-server: against llama.cpp, 32 and 512 new tokens)
-    python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device)
+    python benchmarks/bench.py engine    # the engine alone: rows with no, one or distinct adapters (--device; --graphs)
     python benchmarks/bench.py pack      # a million adapters in one pack: bytes, start-up, memory, throughput
     python benchmarks/bench.py batched   # 8 adapters trained in one batched run vs 8 runs one after another
-    python benchmarks/bench.py long      # decode step time against context length: engine KV buffers vs DynamicCache
-                                         # (--peer llama-batched-bench: and llama.cpp on the same model)
+    python benchmarks/bench.py long      # decode step time against context: engine KV buffers vs DynamicCache
+                                         # (--peer llama-batched-bench: and llama.cpp on the same model;
+                                         # --engine-only: the engine alone, e.g. to 4,096 tokens)
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine's GPU checks, meant to take under 5 minutes on one H100 or H200 (not yet run on one). The device
-# machine has torch and transformers installed and no package registry. First the CUDA tests (continuous
+# machine has torch and transformers installed and no package registry. First the engine's CUDA tests (continuous
 # batching with per-row adapters, a training engine's graphs across a change of v, each replayed graph against
 # the same step run eagerly), then the engine benchmark: random weights of the default model's shape, bf16,
 # 64 rows x 64 greedy tokens, ordinary steps and CUDA graphs side by side.
@@ -16,5 +16,5 @@ if python -c "import pytest" 2>/dev/null; then
 else
     echo "pytest is not installed here: the CUDA tests are skipped"
 fi
-timeout 270 python benchmarks/bench.py engine --device cuda --layers 24 --gen-batch 64 --new-tokens 64 \
+timeout 180 python benchmarks/bench.py engine --device cuda --layers 24 --gen-batch 64 --new-tokens 64 \
     --adapters 1000 --reps 3 --graphs

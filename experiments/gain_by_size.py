@@ -67,7 +67,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csvs", nargs="+", type=Path, help="sweeps' results.csv files (docs/reproduction/NAME.csv)")
     args = p.parse_args()
-    rows = [{**r, "sweep": path.stem} for path in args.csvs for r in csv.DictReader(open(path, newline=""))]
+    missing = [str(p) for p in args.csvs if not p.is_file()]
+    if missing:  # a sweep that has no results yet (the 1.5B curve while it runs)
+        print(f"no results yet, left out: {', '.join(missing)}\n")
+    rows = [{**r, "sweep": path.stem} for path in args.csvs if path.is_file()
+            for r in csv.DictReader(open(path, newline=""))]
 
     def cell(x):
         return "–" if x is None else f"{100 * x:.0f}%"

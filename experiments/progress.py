@@ -70,7 +70,8 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
 
 
 def _keep_finished(run_dir: Path, kept: Path) -> bool:
-    """Copy a finished run's small adapter and its final evaluation once; whether anything was copied."""
+    """Copy a finished run's small adapter and its per-problem evaluations (base, final) once; whether anything
+    was copied."""
     files = [f for f in FINISHED_FILES if (run_dir / f).is_file() and not (kept / f).is_file()
              and not (f.endswith(".safetensors") and (run_dir / f).stat().st_size > MAX_ADAPTER)]
     for f in files:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every experiment of docs/reproduction.md, most decisive first, as resumable sweeps into OUT (default
+# Every sweep of docs/reproduction.md, most decisive first, as resumable sweeps into OUT (default
 # runs/, relative to the repository). Rerun the same command to continue after a stop: finished runs are
 # skipped, a run cut off resumes from its checkpoint. A sweep with failed runs does not stop the queue;
-# Ctrl-C or kill stops it and the sweep in flight. GSM8K reads $TINYLORA_GSM8K_DIR or the hub.
+# Ctrl-C or kill stops it and the sweep in flight. GSM8K reads $TINYLORA_GSM8K_DIR or the hub. The random-direction
+# control runs afterwards on the runs `progress.py save` keeps (experiments/random_direction.py).
 #
 #   bash experiments/queue.sh [OUT]
 #

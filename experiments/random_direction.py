@@ -63,7 +63,8 @@ def control(run_dir: Path, seed: int, docs: Path = DOCS) -> dict:
 
 
 def run_controls(runs: list[Path], seeds: list[int], docs: Path = DOCS) -> list[dict]:
-    """Every (run, seed) not yet in docs/trained/random_direction.csv, appended as each finishes; the new rows."""
+    """Every (run, seed) not yet in docs/reproduction/trained/random_direction.csv, appended as each finishes;
+    the new rows."""
     out, done, rows = docs / OUT, set(), []
     if out.is_file():
         with open(out, newline="") as f:

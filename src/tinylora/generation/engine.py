@@ -15,8 +15,8 @@ memory); leaving compacts the rows and, for long-lived batches, trims columns th
 more: only joins and departures copy. While rows decode, joining prompts go through the model one
 `prefill_chunk` of columns per step, so a long prompt delays the running rows by a chunk, not its whole
 prefill. With a bank, only rows that have an adapter cost adapter work (a zero R adds nothing).
-With `graphs`, decode steps run at fixed shapes over fixed buffers, replayed as CUDA graphs on a GPU
-(generation/graphs.py).
+With `graphs`, decode steps run at fixed shapes over buffers sized to the batch, replayed as CUDA graphs on a
+GPU (generation/graphs.py).
 
 Sampling draws exactly from softmax(logits / T) (optionally top-p), by inverse CDF from one uniform per row:
 inside `generate` (rollouts) from seeded streams, one for the whole call or one per run sharing the batch
@@ -79,7 +79,8 @@ class Engine:
         step (None: whole), so a long prompt delays each running row's next token by one chunk's forward.
         `graphs`: decode steps at fixed shapes over KV buffers sized to the batch (max_batch rows, the columns
         its rows may reach, at most `max_len`), replayed as CUDA graphs on a GPU (generation/graphs.py; on a CPU
-        the same steps run eagerly). A step that does not fit the buffers runs the ordinary way.
+        the same steps run eagerly). Buffers too small are grown; a context of `max_len` columns or more runs
+        the ordinary way.
         """
         self.model, self.tokenizer = model, tokenizer
         self.bank = bank

@@ -6,12 +6,13 @@ replays the whole step in one launch. A graph replays fixed shapes at fixed addr
 buffers that stay put while their graphs live:
 
 - every layer's keys and values in buffers [rows, heads, columns, d] (`kv.SlotLayer` over them: joining,
-  leaving and trimming copy within them, as in ordinary buffers), sized for the first batch (its rows, its
-  prompts and new tokens) and replaced only by a batch that needs more, up to `max_len` columns;
+  leaving and trimming copy within them, as in ordinary buffers), sized for the rows the engine asks for (its
+  max_batch) and the columns its batch's rows may reach (prompt + new tokens, a power of two, at least 128),
+  and replaced by larger ones (their graphs captured again) when a batch needs more, up to `max_len` columns;
 - the step's inputs (each row's token, position, attention mask, s·R) copied into fixed tensors;
 - rows and columns rounded up to powers of two, one graph per (rows, columns, adapted) captured when first
   needed, all in one memory pool. Padding rows attend to one column and are ignored; padding columns are
-  masked out. A step the buffers cannot hold (more rows, a longer context) runs the ordinary way.
+  masked out. Only a context of `max_len` columns or more, or a sliding-window cache, runs the ordinary way.
 
 On a CPU the same fixed-shape step runs eagerly (`capture=False`): the tests check it against
 `model.generate`; only the capture itself needs a GPU (benchmarks/gpu_check.sh).

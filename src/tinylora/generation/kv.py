@@ -83,7 +83,7 @@ class SlotLayer(DynamicLayer):
 
     `buffers` (a fixed-shape decode step, generation/graphs.py): buffers owned by the step, which replaces them
     only between its graphs, so a captured CUDA graph keeps reading the right memory. A layer that must outgrow
-    them moves to buffers of its own and stops being `fixed` (its steps then run the ordinary way)."""
+    them moves to buffers of its own and stops being `fixed` until the step's buffers are grown to hold it."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, buffers: tuple | None = None):
         super().__init__()
