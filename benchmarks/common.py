@@ -18,6 +18,8 @@ def random_model(name: str = MODEL, layers: int | None = None, seed: int = 0):
     config = resolve_config(name)
     if layers:
         config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):  # one per block: older transformers size the cache by it
+            config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
