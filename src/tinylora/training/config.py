@@ -18,7 +18,7 @@ from tinylora.tasks.rewards import REWARDS, load_reward
 class TrainConfig:
     algo: str = field(default="grpo", metadata={"help": "'grpo' (reinforcement learning) or 'sft' (gold solutions)",
                                                 "choices": ("grpo", "sft")})
-    steps: int = field(default=20, metadata={"help": "optimizer steps"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps"})
     batch_prompts: int = field(default=8, metadata={"help": "B: prompts per step (split over ranks)"})
     group_size: int = field(default=4, metadata={"help": "G: samples per prompt (GRPO)"})
     max_new_tokens: int = field(default=32, metadata={"help": "completion length limit"})
