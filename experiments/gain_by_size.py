@@ -16,8 +16,9 @@ on the evaluation problems themselves, so every cell leans upward alike.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
+
+from tinylora.study.results import read_results
 
 DEFAULT_MODEL = "embedded:qwen2.5-coder-0.5b-instruct"
 REFERENCE = ("lora", 1)  # (method, r): the top of the curve at both sizes (full fine-tuning does not fit 24 GB at 1.5B)
@@ -77,8 +78,7 @@ def read_sweeps(csvs: list[Path], same_pool: list[list[str]] = ()) -> list[dict]
     """Every row of the sweeps' CSVs, each naming its sweep (NAME of NAME.csv; sweeps trained on one pool, as
     `same_pool` groups them, under one joined name)."""
     pooled = {name: "+".join(group) for group in same_pool for name in group}
-    return [{**r, "sweep": pooled.get(path.stem, path.stem)} for path in csvs
-            for r in csv.DictReader(open(path, newline=""))]
+    return [{**r, "sweep": pooled.get(path.stem, path.stem)} for path in csvs for r in read_results(path).values()]
 
 
 def main() -> None:

@@ -51,8 +51,8 @@ def test_the_largest_per_module_run_of_the_same_sweep_is_the_second_reference():
 
 def test_sweeps_on_one_pool_are_compared_as_one(tmp_path):
     import csv
-    for name, rows in {"scale": [run(13, 0.62, 0.62, **{"n-tie": "16"})],
-                       "scale_curve": [run(196, 0.86, 0.86, **{"n-tie": "1"})]}.items():
+    for name, rows in {"scale": [run(13, 0.62, 0.62, name="n-tie=16", **{"n-tie": "16"})],
+                       "scale_curve": [run(196, 0.86, 0.86, name="n-tie=1", **{"n-tie": "1"})]}.items():
         with open(tmp_path / f"{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "sweep"], extrasaction="ignore")
             w.writeheader()
