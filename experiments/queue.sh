@@ -24,8 +24,10 @@ sweep() {
 }
 sweep experiments/scale.toml --out "$OUT/scale"                          # 13 numbers at 1.5B vs 11 at 0.5B, with controls
 sweep experiments/dynamic_sampling.toml --out "$OUT/dynamic_sampling"    # DAPO's filter vs plain GRPO, same rollouts
-sweep experiments/scale_curve.toml --out "$OUT/scale_curve" --batched    # the 1.5B curve and seeds, rates and seeds together
+sweep experiments/scale_curve.toml --out "$OUT/scale_curve" --batched \
+    --only '^(?!.*method=lora)|algo=grpo,lr=0.0003,method=lora|algo=sft,lr=0.001,method=lora'  # the curve; LoRA at 0.5B's best rates
 sweep experiments/gsm8k_scale.toml --out "$OUT/gsm8k_scale"             # GSM8K at 1.5B, SFT then GRPO (many hours)
+sweep experiments/scale_curve.toml --out "$OUT/scale_curve" --batched    # LoRA's other rates at 1.5B
 sweep experiments/param_curve.toml --out "$OUT/param_curve" --only '^algo=grpo,n-tie=[^,]+,lr=[^,]+$'  # GRPO, u=1, every rate
 sweep experiments/steps.toml --out "$OUT/steps" --only 'n-tie=16'        # 11 numbers for 100 steps
 sweep experiments/seeds.toml --out "$OUT/seeds" --only 'seed=[01]$'      # GRPO and SFT at 11 and 168 numbers, second seed
