@@ -75,3 +75,21 @@ def test_a_peaked_row_is_not_sorted_whole(monkeypatch):
     flat = distributions(0, 2, 152064, "flat")  # a nucleus of most of the vocabulary: sorted after all
     top_p_filter(flat, torch.full((2, 1), 0.9))
     assert calls == [2]
+
+
+def test_max_over_the_vocabulary_picks_what_argmax_picks_on_ties():
+    """The engine takes greedy's token from `max(dim=-1)` (one pass with its finiteness check): on ties it must
+    be the lowest id, as argmax and `model.generate`."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 151_936), generator=gen).float()  # ties everywhere: three values
+    logits[5, 100_000] = 7.0  # a single max late in a row
+    logits[6, 17] = logits[6, 150_000] = 9.0  # two tied maxima far apart
+    logits[7] = -float("inf")
+    logits[7, 42] = logits[7, 43] = 0.5  # a row of -inf but two finite entries
+    assert torch.equal(logits.max(dim=-1).indices, logits.argmax(dim=-1))
+    assert logits.max(dim=-1).indices[6] == 17 and logits.max(dim=-1).indices[7] == 42
+    lowest = torch.stack([(row == row.max()).nonzero()[0, 0] for row in logits])
+    assert torch.equal(logits.max(dim=-1).indices, lowest)
+    nan = logits.clone()
+    nan[3, 5] = float("nan")
+    assert torch.isnan(nan.max(dim=-1).values[3])  # NaN reaches the max: the engine's check sees it

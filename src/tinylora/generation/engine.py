@@ -175,7 +175,10 @@ class Engine:
         self._retire()  # rows cancelled while their prompt went through the model, now joined
         if not self.running:
             return []
-        finite = torch.isfinite(self.logits).all(dim=-1)  # [n]
+        # One pass over the logits [n, V] for both the check and greedy's token: NaN and +inf reach the max, and a
+        # finite max is all softmax needs (a -inf entry only has probability 0). Ties: the lowest id, as argmax.
+        top, best = self.logits.max(dim=-1)  # [n], [n]
+        finite = torch.isfinite(top)  # [n]
         if not bool(finite.all()):  # an adapter with extreme values: fail those rows, not the batch
             if self.shared is not None:
                 raise FloatingPointError("the model produced non-finite logits (diverged weights or adapter?)")
@@ -189,7 +192,8 @@ class Engine:
             self._retire()
             if not self.running:
                 return []
-        tok, logp = pick_tokens(self.logits, self.running, self.shared)  # [n], [n] or None
+            best = self.logits.max(dim=-1).indices  # [n] of the rows left
+        tok, logp = pick_tokens(self.logits, self.running, self.shared, best)  # [n], [n] or None
         toks, lps = tok.tolist(), (logp.tolist() if logp is not None else None)
         for i, s in enumerate(self.running):
             s.tokens.append(toks[i])

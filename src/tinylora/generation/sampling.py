@@ -106,14 +106,18 @@ def _below(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
     return torch.minimum(u.clamp(min=0), torch.nextafter(cdf[:, -1:], torch.zeros_like(u)))
 
 
-def pick_tokens(logits: torch.Tensor, rows: list, shared: list[torch.Generator] | None):
+def pick_tokens(logits: torch.Tensor, rows: list, shared: list[torch.Generator] | None,
+                best: torch.Tensor | None = None):
     """One token per row [n] from logits [n, V] under each row's `sampling` (temperature 0: greedy), and its
     log-prob under the sampling law [n] (None if all greedy). `rows`: the engine's Sequences; `shared`: the
-    seeded streams of a `generate` call (None: every row draws from its own generator)."""
+    seeded streams of a `generate` call (None: every row draws from its own generator); `best`: each row's
+    argmax [n] when the caller has it already."""
     temps = [s.sampling.temperature for s in rows]
     greedy = [t == 0 for t in temps]
+    if best is None and any(greedy):
+        best = logits.argmax(-1)  # [n]
     if all(greedy):
-        return logits.argmax(-1), None
+        return best, None
     if len(set(temps)) == 1:  # one temperature (rollouts): divide by the number itself
         probs = torch.softmax(logits.float() / temps[0], dim=-1)  # [n, V]
     else:
@@ -127,7 +131,7 @@ def pick_tokens(logits: torch.Tensor, rows: list, shared: list[torch.Generator] 
     tok = sample_categorical(probs, uniforms(rows, shared, logits.device))  # [n]
     logp = probs.gather(1, tok[:, None]).squeeze(1).log()  # [n]
     if any(greedy):
-        tok = torch.where(torch.tensor(greedy, device=tok.device), logits.argmax(-1), tok)
+        tok = torch.where(torch.tensor(greedy, device=tok.device), best, tok)
     return tok, logp
 
 
