@@ -242,6 +242,11 @@ def test_gpu_continuous_batching_with_per_row_adapters(tmp_path, dtype, graphs):
         assert a == b
     if graphs:  # the steps replayed captured graphs, and a replay computes what the same step run eagerly does
         assert engine.fixed.capture and all(g is not None for g in engine.fixed.graphs.values())
+        warmed = Engine(model, tok, bank=bank, max_batch=3, graphs=True)
+        assert warmed.captures_graphs and warmed.warm_up() == 2 * (3 + 1)  # a server's start records them all
+        assert {k[0] for k in warmed.fixed.graphs} == {1, 2, 3} and all(warmed.fixed.graphs.values())
+        if dtype == torch.float32:
+            assert [r.tokens for r in run_until_idle(warmed, schedule)] == [r.tokens for r in rows]
         eager = Engine(model, tok, bank=bank, max_batch=3, graphs=True)
         eager.fixed.capture = False
         sampled = {t: [(p, Sampling(max_new_tokens=s.max_new_tokens, temperature=1.0, seed=t), R)

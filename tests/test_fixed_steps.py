@@ -133,3 +133,22 @@ def test_buffers_grown_while_a_batch_runs_keep_its_keys_and_values(arch, monkeyp
     assert [r.tokens for r in rows] == refs
     assert len(set(columns)) > 1 and columns == sorted(columns)  # grown while the batch ran
     assert steps.ordinary == 0
+
+
+def test_warm_up_runs_every_row_bucket_with_and_without_adapters_and_leaves_nothing_behind():
+    """A server's start records each decode shape's CUDA graph ahead (Engine.warm_up); on a CPU the same fixed
+    steps run eagerly, so which shapes ran is visible here. After it the engine serves as if fresh."""
+    model, tok, bank, alone = bank_and_references("llama")
+    engine = Engine(model, tok, bank=bank, graphs=True, max_batch=8)
+    seen = []
+    forward = engine.fixed.forward
+    engine.fixed.forward = lambda cache, *key: (seen.append(key), forward(cache, *key))[1]
+    assert engine.warm_up() == 2 * (8 + 1)
+    assert set(seen) == {(rows, graphs.MIN_COLUMNS, adapted) for rows in (1, 2, 4, 8) for adapted in (False, True)}
+    assert engine.idle and engine.running == []
+    ids = [ids_of(tok, p) for p in PROMPTS[:3]]
+    which = ["beta", None, "gamma"]
+    refs = [hf_greedy(alone[w], x, N) for w, x in zip(which, ids)]
+    rows = run_schedule(engine, greedy_schedule([(0, k, w, N) for k, w in enumerate(which)], ids, bank))
+    assert [r.tokens for r in rows] == refs
+    assert Engine(model, tok, bank=bank).warm_up() == 0  # no fixed-shape steps: nothing to record

@@ -221,7 +221,8 @@ def _add_serve(sub) -> None:
                    help="serve adapters even if their base fingerprint differs")
     p.add_argument("--graphs", action="store_true",
                    help="GPU: decode steps replayed as CUDA graphs over KV buffers of max-batch rows, grown to "
-                        "the longest batch up to 4,096 tokens (longer contexts run the ordinary way)")
+                        "the longest batch up to 4,096 tokens (longer contexts run the ordinary way); each batch "
+                        "size's graph is recorded at start")
     add_config_args(p.add_argument_group("limits"), Limits)
     p.add_argument("--graceful-seconds", type=int, default=60,
                    help="on shutdown, wait this long for requests in flight (default: 60)")

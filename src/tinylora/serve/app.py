@@ -75,6 +75,8 @@ class Server:
         self.limits = limits or Limits()
         self.engine = Engine(model, tokenizer, bank=bank, weights=weights, max_batch=self.limits.max_batch,
                              prefill_chunk=self.limits.prefill_chunk or None, graphs=graphs)
+        if self.engine.captures_graphs:  # record the decode steps' CUDA graphs now, not inside the first requests
+            self.engine.warm_up()
         self.worker = Worker(self.engine, self.limits.max_queue, admit_wait=self.limits.admit_wait_ms / 1000)
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab = model.config.vocab_size
