@@ -27,7 +27,8 @@ from tinylora.study.results import read_results
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"
 KEPT = REPO / "experiments" / "progress"
-RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "time_spent.json")
+RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "time_spent.json",
+                "eval_base.jsonl.partial", "eval_final.jsonl.partial")  # an evaluation resumes by batch
 GROUP_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a batched group's (its plan is rewritten by the sweep)
 BATCHES = "_batches"  # experiments/progress/SWEEP/_batches/GROUP: no run of a spec is named so
 MAX_CHECKPOINT = 1 << 20
@@ -54,8 +55,10 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         name = run_dir.parent.parent.name
         kept = kept_root / name / run_dir.name
         ckpt = run_dir / "checkpoint.safetensors"
-        # resumable here: a small checkpoint, or before the first step a base evaluation (GSM8K: 17 min)
-        small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else (run_dir / "eval_base.json").is_file()
+        # resumable here: a small checkpoint, or before the first step a base evaluation, whole or part way
+        # (GSM8K at 1.5B: most of an hour)
+        before = any((run_dir / f).is_file() for f in ("eval_base.json", "eval_base.jsonl.partial"))
+        small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else before
         if _mirror(run_dir, kept, RESUME_FILES, keep=run_dir.name not in done[name] and small):
             changed.append(f"{name}/{run_dir.name} in flight")
         if run_dir.name in done[name] and _keep_finished(run_dir, docs / "trained" / name / run_dir.name):
@@ -81,8 +84,8 @@ def _keep_finished(run_dir: Path, kept: Path) -> bool:
 
 
 def _mirror(src: Path, kept: Path, files: tuple[str, ...], keep: bool) -> bool:
-    """Copy `files` of `src` that changed into `kept` (keep), or drop `kept` (not keep); whether anything was
-    copied."""
+    """Copy `files` of `src` that changed into `kept` and drop those `src` no longer has (an evaluation's part
+    once it is whole) (keep), or drop `kept` (not keep); whether anything was copied."""
     if not keep:
         if kept.exists():
             shutil.rmtree(kept)
@@ -92,6 +95,9 @@ def _mirror(src: Path, kept: Path, files: tuple[str, ...], keep: bool) -> bool:
         not (kept / f).is_file() or (kept / f).read_bytes() != (src / f).read_bytes())]
     for f in copied:
         shutil.copyfile(src / f, kept / f)
+    for f in files:
+        if not (src / f).is_file():
+            (kept / f).unlink(missing_ok=True)
     return bool(copied)
 
 

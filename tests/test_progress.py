@@ -111,3 +111,25 @@ def test_a_finished_run_keeps_its_small_adapter_and_final_evaluation_beside_the_
     assert (runs / "tiny" / "adapter.safetensors").read_bytes() == b"v" * 800
     assert sorted(p.name for p in (runs / "lora").iterdir()) == ["eval_final.jsonl"]  # too big to commit
     assert progress.save(out, docs, kept) == []  # copied once
+
+
+def test_an_evaluation_cut_off_part_way_is_kept_and_comes_back(tmp_path):
+    """GSM8K's evaluations at 1.5B take most of an hour: the rows written so far (`.partial`, which
+    `evaluate` resumes from) go to git with the run, and leave it once the evaluation is whole."""
+    run = tmp_path / "first" / "s" / "runs" / "lr=0.01"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "eval_base.jsonl.partial").write_text('{"key": 1}\n{"problem": 0}\n')
+    (tmp_path / "first" / "s" / "results.csv").write_text("name,status\nlr=0.01,pending\n")
+    docs, kept = tmp_path / "repo" / "docs", tmp_path / "repo" / "progress"
+    assert progress.save(tmp_path / "first", docs, kept) == ["s: 0 runs done", "s/lr=0.01 in flight"]
+    assert sorted(p.name for p in (kept / "s" / "lr=0.01").iterdir()) == ["eval_base.jsonl.partial", "run.json"]
+
+    progress.restore(tmp_path / "second", docs, kept)
+    back = tmp_path / "second" / "s" / "runs" / "lr=0.01" / "eval_base.jsonl.partial"
+    assert back.read_text() == '{"key": 1}\n{"problem": 0}\n'
+
+    (run / "eval_base.jsonl.partial").unlink()  # the evaluation finished: its summary replaces the part
+    (run / "eval_base.json").write_text('{"acc": 0.5}')
+    progress.save(tmp_path / "first", docs, kept)
+    assert sorted(p.name for p in (kept / "s" / "lr=0.01").iterdir()) == ["eval_base.json", "run.json"]
