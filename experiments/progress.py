@@ -57,8 +57,8 @@ def save(out: Path, docs: Path = DOCS, kept_root: Path = KEPT) -> list[str]:
         ckpt = run_dir / "checkpoint.safetensors"
         # resumable here: a small checkpoint, or before the first step a base evaluation, whole or part way
         # (GSM8K at 1.5B: most of an hour)
-        before = any((run_dir / f).is_file() for f in ("eval_base.json", "eval_base.jsonl.partial"))
-        small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else before
+        base_eval_started = any((run_dir / f).is_file() for f in ("eval_base.json", "eval_base.jsonl.partial"))
+        small = ckpt.stat().st_size <= MAX_CHECKPOINT if ckpt.is_file() else base_eval_started
         if _mirror(run_dir, kept, RESUME_FILES, keep=run_dir.name not in done[name] and small):
             changed.append(f"{name}/{run_dir.name} in flight")
         if run_dir.name in done[name] and _keep_finished(run_dir, docs / "trained" / name / run_dir.name):
