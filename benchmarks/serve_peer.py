@@ -3,8 +3,9 @@
 Both servers run the embedded default in fp32 (llama.cpp: its GGUF requantized to F32, the same weights;
 see llama_cpp.py) on the same cores, one after the other, under the same clients: `--clients` concurrent
 closed-loop clients streaming greedy completions of exactly N tokens (`ignore_eos`) for the default task's
-chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). Reported per workload:
-completion tok/s over the run, p50/p99 request latency and p50 time to first token.
+chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). The two servers take turns,
+`--reps` rounds each (ABBA order). Reported per workload, medians over the rounds: completion tok/s, p50/p99
+request latency and p50 time to first token; the ratios of a round's rates, per round and their median.
   - tinylora: the base model; a different adapter per request (of `--adapters` loaded, u=1, n_tie=16).
   - llama-server: no adapters (the plain model, `-np` = clients); the same server with 4 of those adapters
     as LoRA GGUFs (`tinylora export`, then llama.cpp's converter), a different one per request, at N = 32
@@ -14,6 +15,7 @@ completion tok/s over the run, p50/p99 request latency and p50 time to first tok
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import statistics
 import sys
@@ -93,46 +95,63 @@ def bench_serve_peer(args) -> None:
                   **extra(c * per_client + j)} for j in range(per_client)] for c in range(clients)]
 
     distinct = lambda i: {"model": f"a{(i * 7919) % args.adapters:04d}"}  # noqa: E731
-    results = {}
-    proc, port = start_tinylora(args.model, ours, clients)
-    try:
-        for new in LENGTHS:
-            per = args.requests_per_client if new <= 32 else 1
-            results[("tinylora serve: base model", new)] = asyncio.run(
-                drive_streaming(port, plan(new, per, lambda i: {"model": "base"})))
-            results[(f"tinylora serve: a different adapter per request (of {args.adapters:,})", new)] = \
-                asyncio.run(drive_streaming(port, plan(new, per, distinct)))
-    finally:
-        stop(proc)
     port = free_port()
     context = clients * (max(len(tok(p).input_ids) for p in prompts) + max(LENGTHS) + 16)
-    cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(clients), "-c", str(context), "-t", threads, "-tb", threads, "--no-webui"]
-    proc = start(cmd, port)  # no --lora at all: the plain model's graph
-    try:
-        for new in LENGTHS:
-            per = args.requests_per_client if new <= 32 else 1
-            bodies = plan(new, per, lambda i: {})
-            results[("llama-server: no adapter", new)] = asyncio.run(drive_streaming(port, bodies))
-    finally:
-        stop(proc)
+    llama = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+             "-np", str(clients), "-c", str(context), "-t", threads, "-tb", threads, "--no-webui"]
+
+    def per(new: int) -> int:
+        return args.requests_per_client if new <= 32 else 1
+
+    def ours_round(runs: dict) -> None:
+        proc, port = start_tinylora(args.model, ours, clients)
+        try:
+            for new in LENGTHS:
+                runs[("tinylora serve: base model", new)].append(asyncio.run(
+                    drive_streaming(port, plan(new, per(new), lambda i: {"model": "base"}))))
+                runs[(f"tinylora serve: a different adapter per request (of {args.adapters:,})", new)].append(
+                    asyncio.run(drive_streaming(port, plan(new, per(new), distinct))))
+        finally:
+            stop(proc)
+
+    def llama_round(runs: dict) -> None:
+        port = free_port()
+        llama[llama.index("--port") + 1] = str(port)
+        proc = start(llama, port)  # no --lora at all: the plain model's graph
+        try:
+            for new in LENGTHS:
+                runs[("llama-server: no adapter", new)].append(
+                    asyncio.run(drive_streaming(port, plan(new, per(new), lambda i: {}))))
+        finally:
+            stop(proc)
+
+    # the servers take turns (ABBA...), so the machine's drift over the run hits both alike
+    runs = collections.defaultdict(list)
+    for k in range(args.reps):
+        for side in ((ours_round, llama_round) if k % 2 == 0 else (llama_round, ours_round)):
+            side(runs)
     port = free_port()
-    cmd[cmd.index("--port") + 1] = str(port)
-    proc = start([*cmd, *[x for lora in loras for x in ("--lora", str(lora))], "--lora-init-without-apply"], port)
+    llama[llama.index("--port") + 1] = str(port)
+    proc = start([*llama, *[x for lora in loras for x in ("--lora", str(lora))], "--lora-init-without-apply"], port)
     try:
-        new, per = min(LENGTHS), args.requests_per_client
-        results[(f"llama-server: {LLAMA_LORAS} LoRAs mixed, one per request", new)] = asyncio.run(
-            drive_streaming(port, plan(new, per, lambda i: {"lora": [{"id": i % LLAMA_LORAS, "scale": 1.0}]})))
+        new = min(LENGTHS)
+        runs[(f"llama-server: {LLAMA_LORAS} LoRAs mixed, one per request", new)].append(asyncio.run(
+            drive_streaming(port, plan(new, per(new), lambda i: {"lora": [{"id": i % LLAMA_LORAS, "scale": 1.0}]}))))
     finally:
         stop(proc)
+    results = {key: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for key, rs in runs.items()}
 
     print(f"\n{args.model}, fp32 on {threads} threads (llama.cpp: F32 GGUF); {clients} concurrent streaming clients, "
           f"greedy, exactly N new tokens per request; adapters u=1, n_tie=16\n")
     table(["server and workload", "N", "requests", "tok/s", "p50 s", "p99 s", "TTFT p50 s"],
           [[name, new, r["requests"], f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['ttft']:.2f}"]
-           for (name, new), r in results.items()])
+           for (name, new), r in sorted(results.items(), key=lambda kv: kv[0][1])])
     for new in LENGTHS:
-        ours_r = next(r for (name, n), r in results.items() if n == new and "different adapter" in name)
-        peer_r = results[("llama-server: no adapter", new)]
+        ours_r = next(rs for (name, n), rs in runs.items() if n == new and "different adapter" in name)
+        base_r = runs[("tinylora serve: base model", new)]
+        peer_r = runs[("llama-server: no adapter", new)]
+        ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(ours_r, peer_r)]
+        own = [a["tok_s"] / b["tok_s"] for a, b in zip(ours_r, base_r)]
         print(f"N = {new}: tinylora with a different adapter per request / llama-server without adapters: "
-              f"{ours_r['tok_s'] / peer_r['tok_s']:.2f}x")
+              f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); "
+              f"/ tinylora's base model: {statistics.median(own):.2f}x")

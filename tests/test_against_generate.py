@@ -24,6 +24,7 @@ from serving import ServerThread
 from waiting import HANG_GUARD_S
 
 from tinylora import AdapterConfig, attach, save_adapter
+from tinylora.generation import kv
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.bank import AdapterBank
 from tinylora.generation.engine import Engine, Sampling
@@ -127,9 +128,13 @@ def weight_choices() -> list[str]:
 # ---- 1. the base model, prompts of different lengths in one batch ---------------------------------------------
 @pytest.mark.parametrize("weights", ["hooks", "packed"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_base_batch_equals_generate_per_prompt(arch, weights):
+@pytest.mark.parametrize("bucket_cost", [None, 0])
+def test_base_batch_equals_generate_per_prompt(arch, weights, bucket_cost, monkeypatch):
+    """bucket_cost=0: the prompts (1 to 7 tokens) are prefilled in one forward per length (generation/kv.py)."""
     if weights == "packed" and not cpu_weights.packed_available():
         pytest.skip("no oneDNN packed linear in this PyTorch build")
+    if bucket_cost is not None:
+        monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
     model, tok = base_model(arch)
     ids = [ids_of(tok, p) for p in PROMPTS]
     set_eos(model, stopping_tokens([[hf_greedy(model, x, N) for x in ids]], N))
@@ -220,9 +225,12 @@ def set_eos_everywhere(models, extra: list[int]) -> None:
         set_eos(m, extra)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs,bucket_cost", [(False, None), (True, None), (False, 0)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs):
+def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs, bucket_cost, monkeypatch):
+    """bucket_cost=0: each prompt length is prefilled in its own forward, with exactly its rows' adapters."""
+    if bucket_cost is not None:
+        monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
     model, tok, bank, alone = bank_and_references(arch)
     which = ["beta", None, "delta", "alpha", "gamma", "beta"]  # one per prompt, the base among them
     ids = [ids_of(tok, p) for p in PROMPTS]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -41,32 +40,7 @@ from tinylora.generation.graphs import FixedStep, check_fixed_steps
 from tinylora.generation.kv import Prefill, SlotLayer, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.row_adapters import RowAdapters
 from tinylora.generation.sampling import pick_tokens
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this much probability
-    seed: int | None = None  # this row's own generator (None: the engine's shared stream, or a random seed)
-    stop_token_ids: tuple[int, ...] = ()  # ends a row besides the model's end-of-sequence tokens
-    ignore_eos: bool = False  # run to max_new_tokens (benchmarks: equal work per request)
-
-
-@dataclass(eq=False)
-class Sequence:
-    prompt: list[int]
-    sampling: Sampling
-    R: torch.Tensor | None = None  # [n_modules, r, r] this row's adapter (bank engines; None: the base)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # of each sampled token under the sampling law
-    finish_reason: str | None = None  # "stop" (end of sequence or stop token), "length", "error", or the caller's
-    generator: torch.Generator | None = None
-    stream: int = 0  # inside `generate`: which seeded stream draws this row's uniforms
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+from tinylora.generation.sequence import Sampling, Sequence
 
 
 class Engine:
@@ -301,8 +275,11 @@ class Engine:
         for i, g in enumerate(groups):
             ids[i, P - len(g[0].prompt):] = torch.tensor(g[0].prompt)
             mask[i, P - len(g[0].prompt):] = 1
-        run = Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk)
-        return groups, run, self.adapters.stack([g[0].R for g in groups])
+        R = self.adapters.stack([g[0].R for g in groups])  # [b, M, r, r] or None
+
+        def context(rows):  # the adapters of the rows in one forward (all of them, or a bucket of lengths)
+            return self.adapters.context(R if R is None or rows is None else R.index_select(0, rows))
+        return groups, Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk, context), R
 
     def _advance(self, joining: tuple) -> bool:
         """One chunk of a prefill (all of it once no row is decoding); joins its rows when it is through.
@@ -311,10 +288,9 @@ class Engine:
         sizes = [len(g) for g in groups]
         repeats = sizes[0] if len(set(sizes)) == 1 else 1  # one size: the cache's own repeat, as in training
         try:
-            with self.adapters.context(R):
-                logits = run.advance()  # [b, 1, V]
-                while not run.finished and not self.running:  # the rows it was sparing have all left
-                    logits = run.advance()
+            logits = run.advance()  # [b, 1, V]
+            while not run.finished and not self.running:  # the rows it was sparing have all left
+                logits = run.advance()
             if not run.finished:
                 return False
             logits, cache, mask, pos = run.result(logits, repeats)  # [b·k, 1, V], ..., [b·k, P]

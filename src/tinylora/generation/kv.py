@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -31,16 +32,25 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int = 1):
     return run.result(logits, repeats)
 
 
+BUCKET_COST = 64  # padded tokens one more forward is worth (it reads every weight again): see length_buckets
+
+
 class Prefill:
     """Left-padded prompts [b, P] through the model `chunk` columns per `advance()` (None: all at once), so that
-    an engine step can take one chunk and the rows already decoding wait one chunk, not the whole prompt."""
+    an engine step can take one chunk and the rows already decoding wait one chunk, not the whole prompt.
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None = None):
+    `context(rows)`: the context each forward runs in, for these rows (a LongTensor of row indices, or None: all of
+    them): the per-row adapters of exactly the rows in that forward. Whole prompts of very different lengths
+    without autograd go through in groups of similar length (`length_buckets`): a left-padded batch computes every
+    padded column, so a 29-token prompt beside a 50-token one would cost 50 tokens of work."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None = None, context=None):
         from transformers import DynamicCache
         self.model, self.ids, self.mask = model, ids, mask
         self.pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
         self.cache = DynamicCache(config=model.config)
         self.chunk = chunk or ids.shape[1]
+        self.context = context or (lambda rows: contextlib.nullcontext())
         self.done = 0  # columns through the model so far
 
     @property
@@ -49,13 +59,50 @@ class Prefill:
 
     def advance(self) -> torch.Tensor:
         """The next chunk's forward; the logits of its last position [b, 1, V]."""
-        end = min(self.done + self.chunk, self.ids.shape[1])
-        logits = self.model(input_ids=self.ids[:, self.done:end], attention_mask=self.mask[:, :end],
-                            position_ids=self.pos[:, self.done:end], **with_cache(self.model, self.cache),
-                            logits_to_keep=1).logits  # [b, 1, V]
+        P = self.ids.shape[1]
+        if self.done == 0 and self.chunk >= P and not torch.is_grad_enabled() and full_attention(self.cache):
+            buckets = length_buckets(self.mask.sum(dim=1).tolist())
+            if len(buckets) > 1:
+                return self._whole_in_buckets(buckets)
+        end = min(self.done + self.chunk, P)
+        with self.context(None):
+            logits = self.model(input_ids=self.ids[:, self.done:end], attention_mask=self.mask[:, :end],
+                                position_ids=self.pos[:, self.done:end], **with_cache(self.model, self.cache),
+                                logits_to_keep=1).logits  # [b, 1, V]
         self.done = end
         if not self.finished:  # more chunks to come: write them into buffers instead of concatenating
             self.cache = in_slots(self.cache)
+        return logits
+
+    def _whole_in_buckets(self, buckets: list[list[int]]) -> torch.Tensor:
+        """Every prompt whole, one forward per bucket of rows trimmed to its longest prompt; the buckets' keys and
+        values are then written right-aligned into one cache of P columns (zeros where a row has no token, which
+        its mask hides), so the result is the one batch's, up to the kernels' summation order."""
+        from transformers import DynamicCache
+        b, P = self.ids.shape
+        logits, merged = None, None  # [b, 1, V]; per layer (keys, values) [b, heads, P, d]
+        for bucket in buckets:
+            rows = torch.tensor(bucket, device=self.ids.device)  # [k]
+            L = int(self.mask.index_select(0, rows).sum(dim=1).max())  # the bucket's longest prompt
+            cache = DynamicCache(config=self.model.config)
+            with self.context(rows):
+                out = self.model(input_ids=self.ids.index_select(0, rows)[:, P - L:],
+                                 attention_mask=self.mask.index_select(0, rows)[:, P - L:],
+                                 position_ids=self.pos.index_select(0, rows)[:, P - L:],
+                                 **with_cache(self.model, cache), logits_to_keep=1).logits  # [k, 1, V]
+            if logits is None:
+                logits = out.new_zeros(b, *out.shape[1:])
+                merged = [(layer.keys.new_zeros(b, layer.keys.shape[1], P, layer.keys.shape[3]),
+                           layer.values.new_zeros(b, layer.values.shape[1], P, layer.values.shape[3]))
+                          for layer in cache.layers]
+            logits[rows] = out
+            for (keys, values), layer in zip(merged, cache.layers):
+                keys[rows, :, P - L:] = layer.keys  # [k, heads, L, d] into the rows' last L columns
+                values[rows, :, P - L:] = layer.values
+        self.cache = DynamicCache(config=self.model.config)
+        for i, (keys, values) in enumerate(merged):
+            self.cache.update(keys, values, i)
+        self.done = P
         return logits
 
     def result(self, logits: torch.Tensor, repeats: int = 1):
@@ -65,6 +112,28 @@ class Prefill:
             cache.batch_repeat_interleave(repeats)
             logits, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (logits, mask, pos))  # [b·repeats, ...]
         return logits, cache, mask, pos
+
+
+def length_buckets(lengths: list[int], cost: int | None = None) -> list[list[int]]:
+    """Rows grouped by prompt length so that the tokens computed, padding included, plus `cost` (default
+    BUCKET_COST) per forward are fewest: the best split of the sorted lengths into runs, O(b²); one bucket of every
+    row when one batch is cheapest."""
+    cost = BUCKET_COST if cost is None else cost
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+    n = len(order)
+    best = [0] + [None] * n  # best[j]: cheapest cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last bucket: sorted rows i..j-1, as long as row j-1's prompt
+            c = best[i] + cost + (j - i) * sorted_len[j - 1]
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return buckets[::-1]
 
 
 def cache_layers(cache) -> list:

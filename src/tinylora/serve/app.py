@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinylora.config import AdapterConfig
-from tinylora.generation.engine import Engine, Sampling
+from tinylora.generation.engine import Engine
 from tinylora.generation.scoring import Scores, token_logprobs
+from tinylora.generation.sequence import Sampling
 from tinylora.serve.limits import Limits
 from tinylora.serve.protocol import (
     APIError,

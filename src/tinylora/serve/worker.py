@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinylora.generation.engine import Engine, Sampling, Sequence
+from tinylora.generation.engine import Engine
+from tinylora.generation.sequence import Sampling, Sequence
 
 
 class QueueFull(Exception):
