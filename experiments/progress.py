@@ -27,8 +27,9 @@ from tinylora.study.results import read_results
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "reproduction"
 KEPT = REPO / "experiments" / "progress"
-RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "time_spent.json",
-                "eval_base.jsonl.partial", "eval_final.jsonl.partial")  # an evaluation resumes by batch
+# an evaluation resumes by batch; the base's per-problem rows pair the final evaluation without scoring it again
+RESUME_FILES = ("run.json", "checkpoint.safetensors", "metrics.jsonl", "eval_base.json", "eval_base.jsonl",
+                "time_spent.json", "eval_base.jsonl.partial", "eval_final.jsonl.partial")
 GROUP_FILES = ("checkpoint.safetensors", "metrics.jsonl")  # a batched group's (its plan is rewritten by the sweep)
 BATCHES = "_batches"  # experiments/progress/SWEEP/_batches/GROUP: no run of a spec is named so
 MAX_CHECKPOINT = 1 << 20

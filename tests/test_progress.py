@@ -129,7 +129,12 @@ def test_an_evaluation_cut_off_part_way_is_kept_and_comes_back(tmp_path):
     back = tmp_path / "second" / "s" / "runs" / "lr=0.01" / "eval_base.jsonl.partial"
     assert back.read_text() == '{"key": 1}\n{"problem": 0}\n'
 
-    (run / "eval_base.jsonl.partial").unlink()  # the evaluation finished: its summary replaces the part
+    (run / "eval_base.jsonl.partial").unlink()  # the evaluation finished: its rows and summary replace the part
+    (run / "eval_base.jsonl").write_text('{"problem": 0}\n{"problem": 1}\n')
     (run / "eval_base.json").write_text('{"acc": 0.5}')
     progress.save(tmp_path / "first", docs, kept)
-    assert sorted(p.name for p in (kept / "s" / "lr=0.01").iterdir()) == ["eval_base.json", "run.json"]
+    assert sorted(p.name for p in (kept / "s" / "lr=0.01").iterdir()) == ["eval_base.json", "eval_base.jsonl",
+                                                                          "run.json"]
+    progress.restore(tmp_path / "third", docs, kept)  # the final evaluation can be paired with these rows there
+    third = tmp_path / "third" / "s" / "runs" / "lr=0.01" / "eval_base.jsonl"
+    assert third.read_text() == '{"problem": 0}\n{"problem": 1}\n'
