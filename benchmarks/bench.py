@@ -15,6 +15,7 @@
     python benchmarks/bench.py long      # decode step time against context: engine KV buffers vs DynamicCache
                                          # (--peer llama-batched-bench: and llama.cpp on the same model;
                                          # --engine-only: the engine alone, e.g. to 4,096 tokens)
+    python benchmarks/bench.py prefill   # prompts of different lengths: one padded batch vs groups of similar length
 
 Results and exact commands: BENCHMARKS.md. `trl`, `bank`, `size` and `serve` need `pip install -e ".[bench,serve]"`.
 """
@@ -29,6 +30,7 @@ from grpo_vs_trl import bench_trl
 from long_context import bench_long
 from memory import bench_memory
 from pack_scale import bench_pack
+from prefill import bench_prefill
 from rollout_speed import bench_ceiling
 from serve_load import bench_engine, bench_serve
 from startup import bench_svd
@@ -36,7 +38,7 @@ from startup import bench_svd
 BENCHES = {"trl": bench_trl, "ceiling": bench_ceiling, "overhead": bench_overhead, "size": bench_size,
            "svd": bench_svd, "bank": bench_bank, "memory": bench_memory, "serve": bench_serve,
            "engine": bench_engine, "pack": bench_pack, "batched": bench_batched,
-           "long": bench_long}
+           "long": bench_long, "prefill": bench_prefill}
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
                    help="real model for trl/ceiling/svd (default: the embedded default)")
     p.add_argument("--layers", type=int, default=24, help="blocks of the random-weight model (default: 24)")
     p.add_argument("--batch", type=int, default=8,
-                   help="prompts per step (trl, ceiling) or sequences (overhead, memory)")
+                   help="prompts per step (trl, ceiling), sequences (overhead, memory) or prompts (prefill)")
     p.add_argument("--group", type=int, default=4, help="samples per prompt, G (trl, ceiling)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (overhead, memory)")
     p.add_argument("--new-tokens", type=int, default=48, help="generated tokens per row (serve: at most)")
