@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
-from tinylora.generation.graphs import FixedStep, check_fixed_steps
+from tinylora.generation.graphs import FixedStep, check_fixed_steps, warm_up
 from tinylora.generation.kv import Prefill, SlotLayer, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.row_adapters import RowAdapters
 from tinylora.generation.sampling import pick_tokens
@@ -116,28 +116,10 @@ class Engine:
         """Whether decode steps replay CUDA graphs (graphs=True on a GPU), which `warm_up` can record ahead."""
         return self.fixed is not None and self.fixed.capture
 
-    @torch.no_grad()
     def warm_up(self) -> int:
-        """Run, before any request, every decode shape a batch of up to max_batch rows meets in its first columns,
-        with and without per-row adapters, so that their CUDA graphs are recorded now (a server's start) rather
-        than inside the first requests. The rows drain one a step, so every row bucket runs; only the graphs and
-        the buffers stay. Returns the decode steps run (0 without fixed-shape steps)."""
-        if self.fixed is None:
-            return 0
-        if not self.idle:
-            raise RuntimeError("warm_up() runs on an idle engine (before the first request)")
-        cases = [None]
-        if self.bank is not None:
-            cases.append(self.bank.zeros() + 1e-3)  # any R that is not zero: the adapted shapes
-        steps = 0
-        with self.generating():
-            for R in cases:
-                for i in range(self.max_batch):  # the first decode runs every row, then row i leaves after i + 2 tokens
-                    self.add([self.pad], Sampling(max_new_tokens=i + 2, temperature=0, ignore_eos=True), R=R)
-                while not self.idle:
-                    steps += len(self.step()) > 0
-        self.drop_all()
-        return steps
+        """Record every decode graph a batch of up to max_batch rows meets, before the first request (a server's
+        start) rather than inside the first requests: see graphs.warm_up. Returns the decode steps run."""
+        return warm_up(self)
 
     @property
     def idle(self) -> bool:

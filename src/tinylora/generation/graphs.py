@@ -27,6 +27,7 @@ import torch
 
 from tinylora.adapter.model import attached
 from tinylora.generation.kv import SlotLayer, full_attention, in_slots, with_cache
+from tinylora.generation.sequence import Sampling
 
 MIN_COLUMNS = 128  # the smallest column bucket
 
@@ -186,3 +187,27 @@ class FixedStep:
             return None
         self.pool = self.pool or graph.pool()
         return graph, logits
+
+
+@torch.no_grad()
+def warm_up(engine) -> int:
+    """Run on an idle `engine`, before any request, every decode shape a batch of up to max_batch rows meets in its
+    first columns, with and without per-row adapters, so that their CUDA graphs are recorded now. The rows drain one
+    a step, so every row bucket runs; only the graphs and the buffers stay. Returns the decode steps run (0 without
+    fixed-shape steps)."""
+    if engine.fixed is None:
+        return 0
+    if not engine.idle:
+        raise RuntimeError("warm_up() runs on an idle engine (before the first request)")
+    cases = [None]
+    if engine.bank is not None:
+        cases.append(engine.bank.zeros() + 1e-3)  # any R that is not zero: the adapted shapes
+    steps = 0
+    with engine.generating():
+        for R in cases:
+            for i in range(engine.max_batch):  # the first decode runs every row, then row i leaves after i + 2 tokens
+                engine.add([engine.pad], Sampling(max_new_tokens=i + 2, temperature=0, ignore_eos=True), R=R)
+            while not engine.idle:
+                steps += len(engine.step()) > 0
+    engine.drop_all()
+    return steps
