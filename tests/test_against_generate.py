@@ -269,14 +269,18 @@ def run_schedule(engine, schedule: dict[int, list[tuple[list[int], Sampling, tor
     return rows
 
 
-@pytest.mark.parametrize("chunk,graphs", [(None, False), (2, False), (2, True)])
+@pytest.mark.parametrize("chunk,graphs,bucket_cost", [(None, False, None), (2, False, None), (2, True, None),
+                                                    (None, False, 0), (8, True, 0)])
 @pytest.mark.parametrize("arch", FULL_ATTENTION)
-def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, graphs):
+def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, graphs, bucket_cost, monkeypatch):
     """The server's way: rows with their own adapters join between decode steps (left-padding the shorter KV
     cache), leave when done (the cache trimmed), and wait for a slot (max_batch=3); with `chunk`, joining
     prompts go through the model 2 columns per step while the running rows decode; with `graphs`, every decode
     step runs at fixed shapes in fixed KV buffers (padding rows and masked columns: the GPU's CUDA-graph step,
-    run eagerly here)."""
+    run eagerly here). bucket_cost=0: prompts joining together are prefilled one forward per length (whole
+    prompts, as a chunk of 8 columns holds them), beside the running rows."""
+    if bucket_cost is not None:
+        monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
     model, tok, bank, alone = bank_and_references(arch)
     # (step it arrives, prompt, adapter, max_new_tokens)
     plan = [(0, 2, "alpha", 10), (0, 3, None, 4), (1, 0, "delta", 12), (2, 1, "gamma", 3), (2, 5, "beta", 9),
