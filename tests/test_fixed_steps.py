@@ -72,7 +72,7 @@ def test_one_adapter_runs_in_every_row_of_fixed_steps_and_follows_its_v(weights)
 def test_rows_join_and_leave_across_every_column_bucket(arch, monkeypatch):
     """Columns rounded up from 2 (not 128): the tiny prompts cross every bucket boundary."""
     monkeypatch.setattr(graphs, "MIN_COLUMNS", 2)
-    against_generate.test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, 2, True)
+    against_generate.test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, 2, True, None, monkeypatch)
 
 
 def test_a_failed_rows_keys_and_values_never_reach_a_later_row(monkeypatch):
