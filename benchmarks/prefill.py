@@ -1,5 +1,6 @@
-"""`bench.py prefill`: 32 of the default task's chat prompts (29 to 50 tokens) prefilled together, as one batch
-padded to the longest prompt and in the engine's groups of similar length (generation/kv.py: length_buckets)."""
+"""`bench.py prefill`: the default task's first `--batch` chat prompts (28 to 51 tokens for 32) prefilled
+together, as one batch padded to the longest prompt and in the engine's groups of similar length
+(generation/kv.py: length_buckets)."""
 
 from __future__ import annotations
 

@@ -61,20 +61,26 @@ class Prefill:
         """The next chunk's forward; the logits of its last position [b, 1, V]."""
         P = self.ids.shape[1]
         if self.done == 0 and self.chunk >= P and not torch.is_grad_enabled() and full_attention(self.cache):
-            buckets = length_buckets(self.mask.sum(dim=1).tolist())
+            lengths = self.mask.sum(dim=1).tolist()  # [b] each prompt's tokens
+            buckets = length_buckets(lengths)
             if len(buckets) > 1:
-                return self._whole_in_buckets(buckets)
+                return self._whole_in_buckets(buckets, lengths)
         end = min(self.done + self.chunk, P)
         with self.context(None):
-            logits = self.model(input_ids=self.ids[:, self.done:end], attention_mask=self.mask[:, :end],
-                                position_ids=self.pos[:, self.done:end], **with_cache(self.model, self.cache),
-                                logits_to_keep=1).logits  # [b, 1, V]
+            logits = self._forward(self.ids[:, self.done:end], self.mask[:, :end], self.pos[:, self.done:end],
+                                   self.cache)  # [b, 1, V]
         self.done = end
         if not self.finished:  # more chunks to come: write them into buffers instead of concatenating
             self.cache = in_slots(self.cache)
         return logits
 
-    def _whole_in_buckets(self, buckets: list[list[int]]) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """Columns ids [k, c] (their mask [k, up to and including them], positions [k, c]) through the model into
+        `cache`: the logits of the last position [k, 1, V]."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(self.model, cache),
+                          logits_to_keep=1).logits
+
+    def _whole_in_buckets(self, buckets: list[list[int]], lengths: list[int]) -> torch.Tensor:
         """Every prompt whole, one forward per bucket of rows trimmed to its longest prompt; the buckets' keys and
         values are then written right-aligned into one cache of P columns (zeros where a row has no token, which
         its mask hides), so the result is the one batch's, up to the kernels' summation order."""
@@ -83,13 +89,11 @@ class Prefill:
         logits, merged = None, None  # [b, 1, V]; per layer (keys, values) [b, heads, P, d]
         for bucket in buckets:
             rows = torch.tensor(bucket, device=self.ids.device)  # [k]
-            L = int(self.mask.index_select(0, rows).sum(dim=1).max())  # the bucket's longest prompt
+            L = max(lengths[i] for i in bucket)  # the bucket's longest prompt
+            ids, mask, pos = (x.index_select(0, rows)[:, P - L:] for x in (self.ids, self.mask, self.pos))  # [k, L]
             cache = DynamicCache(config=self.model.config)
             with self.context(rows):
-                out = self.model(input_ids=self.ids.index_select(0, rows)[:, P - L:],
-                                 attention_mask=self.mask.index_select(0, rows)[:, P - L:],
-                                 position_ids=self.pos.index_select(0, rows)[:, P - L:],
-                                 **with_cache(self.model, cache), logits_to_keep=1).logits  # [k, 1, V]
+                out = self._forward(ids, mask, pos, cache)  # [k, 1, V]
             if logits is None:
                 logits = out.new_zeros(b, *out.shape[1:])
                 merged = [(layer.keys.new_zeros(b, layer.keys.shape[1], P, layer.keys.shape[3]),
