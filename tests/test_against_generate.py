@@ -130,7 +130,8 @@ def weight_choices() -> list[str]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("bucket_cost", [None, 0])
 def test_base_batch_equals_generate_per_prompt(arch, weights, bucket_cost, monkeypatch):
-    """bucket_cost=0: the prompts (1 to 7 tokens) are prefilled in one forward per length (generation/kv.py)."""
+    """bucket_cost=0: `generate` still prefills one batch (its rollouts keep their summation order); the server's
+    step API groups prompts by length (test_rows_joining_and_leaving_a_running_batch_equal_generate)."""
     if weights == "packed" and not cpu_weights.packed_available():
         pytest.skip("no oneDNN packed linear in this PyTorch build")
     if bucket_cost is not None:
@@ -228,7 +229,7 @@ def set_eos_everywhere(models, extra: list[int]) -> None:
 @pytest.mark.parametrize("graphs,bucket_cost", [(False, None), (True, None), (False, 0)])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs, bucket_cost, monkeypatch):
-    """bucket_cost=0: each prompt length is prefilled in its own forward, with exactly its rows' adapters."""
+    """bucket_cost=0: as in test_base_batch_equals_generate_per_prompt, `generate` keeps one batch."""
     if bucket_cost is not None:
         monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
     model, tok, bank, alone = bank_and_references(arch)

@@ -44,13 +44,15 @@ class Prefill:
     without autograd go through in groups of similar length (`length_buckets`): a left-padded batch computes every
     padded column, so a 29-token prompt beside a 50-token one would cost 50 tokens of work."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None = None, context=None):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None = None, context=None,
+                 group_lengths: bool = True):
         from transformers import DynamicCache
         self.model, self.ids, self.mask = model, ids, mask
         self.pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
         self.cache = DynamicCache(config=model.config)
         self.chunk = chunk or ids.shape[1]
         self.context = context or (lambda rows: contextlib.nullcontext())
+        self.group_lengths = group_lengths  # False: one batch, the summation order rollouts were recorded with
         self.done = 0  # columns through the model so far
 
     @property
@@ -60,7 +62,8 @@ class Prefill:
     def advance(self) -> torch.Tensor:
         """The next chunk's forward; the logits of its last position [b, 1, V]."""
         P = self.ids.shape[1]
-        if self.done == 0 and self.chunk >= P and not torch.is_grad_enabled() and full_attention(self.cache):
+        if self.group_lengths and self.done == 0 and self.chunk >= P and not torch.is_grad_enabled() \
+                and full_attention(self.cache):
             lengths = self.mask.sum(dim=1).tolist()  # [b] each prompt's tokens
             buckets = length_buckets(lengths)
             if len(buckets) > 1:
