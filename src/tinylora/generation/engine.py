@@ -14,9 +14,9 @@ written right-aligned into free rows (positions follow each row's own mask, so p
 memory); leaving compacts the rows and, for long-lived batches, trims columns that no row attends to any
 more: only joins and departures copy. While rows decode, joining prompts go through the model one
 `prefill_chunk` of columns per step, so a long prompt delays the running rows by a chunk, not its whole
-prefill; whole prompts of very different lengths go through in groups of similar length instead of one batch
-padded to the longest (kv.length_buckets). With a bank, only rows that have an adapter cost adapter work (a zero
-R adds nothing).
+prefill; through the step API (the server), whole prompts of very different lengths go through in groups of
+similar length instead of one batch padded to the longest (kv.length_buckets). With a bank, only rows that
+have an adapter cost adapter work (a zero R adds nothing).
 With `graphs`, decode steps run at fixed shapes over buffers sized to the batch, replayed as CUDA graphs on a
 GPU (generation/graphs.py).
 
