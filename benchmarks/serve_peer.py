@@ -1,11 +1,12 @@
 """`bench.py serve --peer llama-server`: `tinylora serve` against llama.cpp's `llama-server`, side by side.
 
 Both servers run the embedded default in fp32 (llama.cpp: its GGUF requantized to F32, the same weights;
-see llama_cpp.py) on the same cores, one after the other, under the same clients: `--clients` concurrent
-closed-loop clients streaming greedy completions of exactly N tokens (`ignore_eos`) for the default task's
-chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). The two servers take turns,
-`--reps` rounds each (ABBA order). Reported per workload, medians over the rounds: completion tok/s, p50/p99
-request latency and p50 time to first token; the ratios of a round's rates, per round and their median.
+see llama_cpp.py) on the same cores, both up for the whole run and driven one at a time by the same clients: `--clients`
+concurrent closed-loop clients streaming greedy completions of exactly N tokens (`ignore_eos`) for the default
+task's chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). The workloads take
+turns, `--reps` rounds each (ABBA order within each N). Reported per workload, medians over the rounds:
+completion tok/s, p50/p99 request latency and p50 time to first token; the ratios of a round's rates, per
+round and their median.
   - tinylora: the base model; a different adapter per request (of `--adapters` loaded, u=1, n_tie=16).
   - llama-server: no adapters (the plain model, `-np` = clients); the same server with 4 of those adapters
     as LoRA GGUFs (`tinylora export`, then llama.cpp's converter), a different one per request, at N = 32
@@ -83,8 +84,8 @@ def bench_serve_peer(args) -> None:
     model, tok = load_model(args.model, "fp32", "cpu")
     from tinylora.api import DataConfig
     prompts = chat_prompts(tok, [p.question for p in DataConfig().problems("test", clients * args.requests_per_client)])
-    ours = work / "ours"
-    write_adapters(model, ours, args.adapters, work / "peft", LLAMA_LORAS)
+    ours_dir = work / "ours"
+    write_adapters(model, ours_dir, args.adapters, work / "peft", LLAMA_LORAS)
     del model
     loras = [lora_gguf(work / "peft" / f"a{k:04d}", args.model, work / f"lora{k}.gguf") for k in range(LLAMA_LORAS)]
     gguf, bin_dir = f32_gguf(args.model), binaries()
@@ -98,38 +99,36 @@ def bench_serve_peer(args) -> None:
     port = free_port()
     context = clients * (max(len(tok(p).input_ids) for p in prompts) + max(LENGTHS) + 16)
     llama = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-             "-np", str(clients), "-c", str(context), "-t", threads, "-tb", threads, "--no-webui"]
+             "-np", str(clients), "-c", str(context), "-t", threads, "-tb", threads, "--no-webui",
+             "--load-mode", "none"]  # weights read into its own memory (no mmap), as tinylora does
 
     def per(new: int) -> int:
         return args.requests_per_client if new <= 32 else 1
 
-    def ours_round(runs: dict) -> None:
-        proc, port = start_tinylora(args.model, ours, clients)
-        try:
-            for new in LENGTHS:
-                runs[("tinylora serve: base model", new)].append(asyncio.run(
-                    drive_streaming(port, plan(new, per(new), lambda i: {"model": "base"}))))
-                runs[(f"tinylora serve: a different adapter per request (of {args.adapters:,})", new)].append(
-                    asyncio.run(drive_streaming(port, plan(new, per(new), distinct))))
-        finally:
-            stop(proc)
+    def ours(new: int, name: str, pick) -> tuple:
+        return (f"tinylora serve: {name}", new), plan(new, per(new), pick), ours_port
 
-    def llama_round(runs: dict) -> None:
-        port = free_port()
-        llama[llama.index("--port") + 1] = str(port)
-        proc = start(llama, port)  # no --lora at all: the plain model's graph
-        try:
-            for new in LENGTHS:
-                runs[("llama-server: no adapter", new)].append(
-                    asyncio.run(drive_streaming(port, plan(new, per(new), lambda i: {}))))
-        finally:
-            stop(proc)
+    def peer(new: int) -> tuple:
+        return ("llama-server: no adapter", new), plan(new, per(new), lambda i: {}), llama_port
 
-    # the servers take turns (ABBA...), so the machine's drift over the run hits both alike
+    # Both servers stay up (an idle one costs nothing) and take turns workload by workload, ABBA, so that the
+    # machine's drift hits the runs that are compared (the same N, next to each other in time) alike.
     runs = collections.defaultdict(list)
-    for k in range(args.reps):
-        for side in ((ours_round, llama_round) if k % 2 == 0 else (llama_round, ours_round)):
-            side(runs)
+    ours_proc, ours_port = start_tinylora(args.model, ours_dir, clients)
+    llama_port, llama_proc = free_port(), None
+    llama[llama.index("--port") + 1] = str(llama_port)
+    try:
+        llama_proc = start(llama, llama_port)  # no --lora at all: the plain model's graph
+        for new in LENGTHS:
+            for k in range(args.reps):
+                turns = [ours(new, "base model", lambda i: {"model": "base"}),
+                         ours(new, f"a different adapter per request (of {args.adapters:,})", distinct), peer(new)]
+                for key, bodies, port in (turns if k % 2 == 0 else turns[::-1]):
+                    runs[key].append(asyncio.run(drive_streaming(port, bodies)))
+    finally:
+        stop(ours_proc)
+        if llama_proc is not None:
+            stop(llama_proc)
     port = free_port()
     llama[llama.index("--port") + 1] = str(port)
     proc = start([*llama, *[x for lora in loras for x in ("--lora", str(lora))], "--lora-init-without-apply"], port)
