@@ -8,7 +8,9 @@ turns, `--reps` rounds each (ABBA order within each N). Reported per workload, m
 completion tok/s, p50/p99 request latency and p50 time to first token; the ratios of a round's rates, per
 round and their median.
   - tinylora: the base model; a different adapter per request (of `--adapters` loaded, u=1, n_tie=16).
-  - llama-server: no adapters (the plain model, `-np` = clients); the same server with 4 of those adapters
+  - llama-server: no adapters (the plain model, `-np` = clients), at N = 32 also with its prompt cache off
+    (`cache_prompt: false`: every prompt computed whole, as tinylora must with a different adapter per
+    request); the same server with 4 of those adapters
     as LoRA GGUFs (`tinylora export`, then llama.cpp's converter), a different one per request, at N = 32
     only (mixed LoRAs are slow there).
 """
@@ -108,8 +110,9 @@ def bench_serve_peer(args) -> None:
     def ours(new: int, name: str, pick) -> tuple:
         return (f"tinylora serve: {name}", new), plan(new, per(new), pick), ours_port
 
-    def peer(new: int) -> tuple:
-        return ("llama-server: no adapter", new), plan(new, per(new), lambda i: {}), llama_port
+    def peer(new: int, cache_prompt: bool = True) -> tuple:
+        name = "llama-server: no adapter" + ("" if cache_prompt else ", prompt cache off (cache_prompt: false)")
+        return (name, new), plan(new, per(new), lambda i: {"cache_prompt": cache_prompt}), llama_port
 
     # Both servers stay up (an idle one costs nothing) and take turns workload by workload, ABBA, so that the
     # machine's drift hits the runs that are compared (the same N, next to each other in time) alike.
@@ -123,6 +126,8 @@ def bench_serve_peer(args) -> None:
             for k in range(args.reps):
                 turns = [ours(new, "base model", lambda i: {"model": "base"}),
                          ours(new, f"a different adapter per request (of {args.adapters:,})", distinct), peer(new)]
+                if new == min(LENGTHS):  # llama-server reuses the keys and values of a slot's last prompt's common
+                    turns.append(peer(new, cache_prompt=False))  # prefix; an adapter per request rules that out
                 for key, bodies, port in (turns if k % 2 == 0 else turns[::-1]):
                     runs[key].append(asyncio.run(drive_streaming(port, bodies)))
     finally:
@@ -143,7 +148,8 @@ def bench_serve_peer(args) -> None:
     print(f"\n{args.model}, fp32 on {threads} threads (llama.cpp: F32 GGUF); {clients} concurrent streaming clients, "
           f"greedy, exactly N new tokens per request; adapters u=1, n_tie=16\n")
     table(["server and workload", "N", "requests", "tok/s", "p50 s", "p99 s", "TTFT p50 s"],
-          [[name, new, r["requests"], f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['ttft']:.2f}"]
+          [[name, new, int(r["requests"]), f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+            f"{r['ttft']:.2f}"]
            for (name, new), r in sorted(results.items(), key=lambda kv: kv[0][1])])
     for new in LENGTHS:
         ours_r = next(rs for (name, n), rs in runs.items() if n == new and "different adapter" in name)
@@ -154,3 +160,8 @@ def bench_serve_peer(args) -> None:
         print(f"N = {new}: tinylora with a different adapter per request / llama-server without adapters: "
               f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); "
               f"/ tinylora's base model: {statistics.median(own):.2f}x")
+        uncached = [rs for (name, n), rs in runs.items() if n == new and "prompt cache off" in name]
+        if uncached:
+            ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(ours_r, uncached[0])]
+            print(f"N = {new}: ... / llama-server without adapters, prompt cache off: {statistics.median(ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
