@@ -11,14 +11,16 @@ last to the first, and decode tokens/s over the run.
 With `--peer llama-batched-bench`, the same workload on the embedded default instead of random weights, and
 llama.cpp's `llama-batched-bench` on that model's F32 GGUF (`llama_cpp.py`: the same dequantized weights) with
 as many threads: 16 parallel sequences, the same prompt and new-token lengths; its decode tok/s (S_TG)
-against the engine's.
+against the engine's, `--reps` rounds of each in ABBA order (medians, and the ratio per round).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
+import statistics
 import subprocess
 import time
 from unittest import mock
@@ -64,33 +66,47 @@ def bench_long(args) -> None:
         model = random_model(layers=args.layers)
     tok = tiny_tokenizer()  # pad/eos ids only: prompts are random ids and end of sequence is ignored
     prompts = torch.randint(1000, 100_000, (rows, PROMPT), generator=torch.Generator().manual_seed(0)).tolist()
-    results = {}
     caches = (("engine KV buffers (in place)", None),
               ("transformers DynamicCache (concatenation)", lambda cache: cache))
-    for name, patch in caches[:1] if args.engine_only else caches:
-        engine = Engine(model, tok, weights="auto", max_batch=rows)
-        with mock.patch.object(engine_module, "in_slots", patch) if patch else contextlib.nullcontext():
-            times = step_times(engine, prompts, new)
-        results[name] = times
+    peer_name = "llama.cpp llama-batched-bench (F32 GGUF)"
+
+    def ours(runs: dict) -> None:
+        for name, patch in caches[:1] if args.engine_only else caches:
+            engine = Engine(model, tok, weights="auto", max_batch=rows)
+            with mock.patch.object(engine_module, "in_slots", patch) if patch else contextlib.nullcontext():
+                runs[name].append(step_times(engine, prompts, new))
+
+    def peer(runs: dict) -> None:
+        runs[peer_name].append(llama_batched_bench(args.model, rows, new))
+
+    # with a peer, `--reps` rounds in ABBA order, so that the machine's drift hits both sides alike
+    runs = collections.defaultdict(list)
+    for k in range(args.reps if args.peer else 1):
+        for side in ((ours, peer) if k % 2 == 0 else (peer, ours)) if args.peer else (ours,):
+            side(runs)
     contexts = [c for c in (100, 750, 1550, 4096) if c - PROMPT < new]
-    if args.peer:
-        results["llama.cpp llama-batched-bench (F32 GGUF)"] = llama_batched_bench(args.model, rows, new)
     weights = args.model if args.peer else f"random weights of the default model's shape ({args.layers} layers)"
+    rounds = f"; medians over {args.reps} rounds" if args.peer else ""
     print(f"\n{weights}, fp32 on cpu, {torch.get_num_threads()} threads; {rows} rows, "
           f"{PROMPT}-token prompts, {new} new tokens, greedy, end of sequence ignored; median step (ms) around each "
-          "context\n")
-    tok_s = {name: t if isinstance(t, float) else rows * len(t) / sum(t) for name, t in results.items()}
+          f"context{rounds}\n")
+    tok_s = {name: [t if isinstance(t, float) else rows * len(t) / sum(t) for t in ts] for name, ts in runs.items()}
+    step = {name: {c: statistics.median(around(t, c) for t in ts) for c in contexts}
+            for name, ts in runs.items() if name != peer_name}
     table(["KV cache", *[f"step @ {c}" for c in contexts], f"@ {contexts[-1]} / @ {contexts[0]}", "decode tok/s"],
-          [[name, *[f"{1e3 * around(t, c):.0f}" for c in contexts],
-            f"{around(t, contexts[-1]) / around(t, contexts[0]):.2f}x", f"{tok_s[name]:.0f}"]
-           if not isinstance(t, float) else [name, *["–"] * len(contexts), "–", f"{t:.0f}"]
-           for name, t in results.items()])
-    ours = tok_s.pop("engine KV buffers (in place)")
-    before = tok_s.pop("transformers DynamicCache (concatenation)", None)
+          [[name, *[f"{1e3 * step[name][c]:.0f}" for c in contexts],
+            f"{step[name][contexts[-1]] / step[name][contexts[0]]:.2f}x", f"{statistics.median(tok_s[name]):.0f}"]
+           if name in step else [name, *["–"] * len(contexts), "–", f"{statistics.median(tok_s[name]):.0f}"]
+           for name in runs])
+    ours_rate = tok_s["engine KV buffers (in place)"]
+    before = tok_s.get("transformers DynamicCache (concatenation)")
     if before:
-        print(f"\nengine buffers vs DynamicCache: {ours / before:.2f}x the decode throughput")
-    for peer in tok_s.values():
-        print(f"engine vs llama-batched-bench: {ours / peer:.2f}x the decode throughput")
+        ratios = [a / b for a, b in zip(ours_rate, before)]
+        print(f"\nengine buffers vs DynamicCache: {statistics.median(ratios):.2f}x the decode throughput")
+    if args.peer:
+        ratios = [a / b for a, b in zip(ours_rate, tok_s[peer_name])]
+        print(f"engine vs llama-batched-bench: {statistics.median(ratios):.2f}x the decode throughput "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 def llama_batched_bench(model: str, rows: int, new: int) -> float:
