@@ -116,7 +116,7 @@ def llama_batched_bench(model: str, rows: int, new: int) -> float:
     threads = str(torch.get_num_threads())
     cmd = [str(binaries() / "llama-batched-bench"), "-m", str(gguf), "-c", str(rows * (PROMPT + new) + 256),
            "-b", "2048", "-ub", "512", "-npp", str(PROMPT), "-ntg", str(new), "-npl", str(rows),
-           "-t", threads, "-tb", threads]
+           "-t", threads, "-tb", threads, "--load-mode", "none"]  # weights read into its own memory, as the engine's
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
     # the results table: |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s | ...
     for line in out.splitlines():
