@@ -125,6 +125,17 @@ def weight_choices() -> list[str]:
     return ["hooks", "merged"] + (["packed"] if cpu_weights.packed_available() else [])
 
 
+def count_bucketed(monkeypatch) -> list[int]:
+    """Counts the prefills split into groups of similar length (kv.Prefill._whole_in_buckets): [calls]."""
+    calls, split = [0], kv.Prefill._whole_in_buckets
+
+    def counted(self, *args):
+        calls[0] += 1
+        return split(self, *args)
+    monkeypatch.setattr(kv.Prefill, "_whole_in_buckets", counted)
+    return calls
+
+
 # ---- 1. the base model, prompts of different lengths in one batch ---------------------------------------------
 @pytest.mark.parametrize("weights", ["hooks", "packed"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -136,6 +147,7 @@ def test_base_batch_equals_generate_per_prompt(arch, weights, bucket_cost, monke
         pytest.skip("no oneDNN packed linear in this PyTorch build")
     if bucket_cost is not None:
         monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
+    bucketed = count_bucketed(monkeypatch)
     model, tok = base_model(arch)
     ids = [ids_of(tok, p) for p in PROMPTS]
     set_eos(model, stopping_tokens([[hf_greedy(model, x, N) for x in ids]], N))
@@ -146,6 +158,7 @@ def test_base_batch_equals_generate_per_prompt(arch, weights, bucket_cost, monke
     # twice each prompt in one batch (rows that share a prompt, as GRPO's repeats do): still the same
     twice = engine.generate(PROMPTS, max_new_tokens=N, greedy=True, repeats=2)
     assert rows_of(twice) == [r for r in refs for _ in range(2)]
+    assert bucketed == [0]  # one padded batch, even where groups would cost less
 
 
 @pytest.mark.parametrize("max_len", [8, 4096])
@@ -232,6 +245,7 @@ def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs, bu
     """bucket_cost=0: as in test_base_batch_equals_generate_per_prompt, `generate` keeps one batch."""
     if bucket_cost is not None:
         monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
+    bucketed = count_bucketed(monkeypatch)
     model, tok, bank, alone = bank_and_references(arch)
     which = ["beta", None, "delta", "alpha", "gamma", "beta"]  # one per prompt, the base among them
     ids = [ids_of(tok, p) for p in PROMPTS]
@@ -247,6 +261,7 @@ def test_bank_rows_each_equal_generate_with_their_adapter_alone(arch, graphs, bu
         assert steps.fixed == N - 1 and steps.ordinary == 0
     else:  # sliding windows: the ordinary way
         assert steps.fixed == 0
+    assert bucketed == [0]  # `generate` keeps one padded batch
 
 
 def greedy_schedule(plan, ids, bank) -> dict:
@@ -282,6 +297,7 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, gr
     prompts, as a chunk of 8 columns holds them), beside the running rows."""
     if bucket_cost is not None:
         monkeypatch.setattr(kv, "BUCKET_COST", bucket_cost)
+    bucketed = count_bucketed(monkeypatch)
     model, tok, bank, alone = bank_and_references(arch)
     # (step it arrives, prompt, adapter, max_new_tokens)
     plan = [(0, 2, "alpha", 10), (0, 3, None, 4), (1, 0, "delta", 12), (2, 1, "gamma", 3), (2, 5, "beta", 9),
@@ -298,6 +314,8 @@ def test_rows_joining_and_leaving_a_running_batch_equal_generate(arch, chunk, gr
     assert [r.tokens for r in rows] == refs
     for row, ref in zip(rows, refs):
         assert row.finish_reason == ("stop" if ref[-1] in eos else "length")
+    if bucket_cost == 0:
+        assert bucketed[0] > 0  # the step API did prefill joining prompts in groups
     assert engine.cache is None and engine.row_R is None  # every row has left
     if graphs:  # every decode step took the fixed path, with no host sync inside
         assert steps.fixed >= max(n for *_, n in plan) - 1 and steps.ordinary == 0 and not engine.fixed.capture

@@ -263,8 +263,8 @@ class Engine:
 
         def context(rows):  # the adapters of the rows in one forward (all of them, or a bucket of lengths)
             return self.adapters.context(R if R is None or rows is None else R.index_select(0, rows))
-        # `generate` (rollouts, evaluation) keeps one batch: grouping changes the summation order, and with it the
-        # default run's trajectory (seed 0 ended at 43.0% instead of 81.0%)
+        # `generate` (rollouts, evaluation) keeps one batch: grouping changes the summation order, and with it a
+        # training run's trajectory and result
         return groups, Prefill(self.model, ids.to(self.device), mask.to(self.device), chunk, context,
                                group_lengths=self.shared is None), R
 
