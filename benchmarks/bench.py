@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--engine-only", action="store_true",
                    help="long: the engine's KV buffers alone (skip transformers' DynamicCache, e.g. at 4,096 tokens)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="serve --peer llama-server: both servers' weights (llama.cpp: an F32 or BF16 GGUF)")
     args = p.parse_args()
     if args.adapters is None:
         args.adapters = 1_000_000 if args.which == "pack" else 1000

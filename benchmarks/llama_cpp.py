@@ -6,7 +6,8 @@ Its Python conversion requirements are not installed (they pin another torch): `
 runs on this venv's torch, transformers and the gguf-py it ships.
 
 The model llama.cpp runs is the embedded default's own Q4_K_M GGUF requantized to F32 (`llama-quantize
---allow-requantize`): the same dequantized weights tinylora runs in fp32. Adapters reach it as LoRA GGUFs:
+--allow-requantize`): the same dequantized weights tinylora runs in fp32; or to BF16, those weights rounded as
+tinylora rounds them for `--dtype bf16`. Adapters reach it as LoRA GGUFs:
 `tinylora export` (exact rank-2 PEFT LoRA), then llama.cpp's `convert_lora_to_gguf.py`.
 """
 
@@ -63,19 +64,19 @@ def binaries() -> Path:
     return bin_dir
 
 
-def f32_gguf(model: str) -> Path:
-    """The embedded model `model` as an F32 GGUF (made once)."""
+def model_gguf(model: str, kind: str = "F32") -> Path:
+    """The embedded model `model` as an F32 or BF16 GGUF (made once)."""
     if not model.startswith("embedded:"):
         raise SystemExit(f"the llama.cpp peer runs an embedded model (its GGUF), not {model!r}")
     entry = lookup(model)
-    out = home() / "models" / f"{entry.name}-f32.gguf"
+    out = home() / "models" / f"{entry.name}-{kind.lower()}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         q4 = join_and_verify(entry, Path(tmp) / "q4_k_m.gguf")
-        part = Path(tmp) / "f32.gguf"
-        subprocess.run([str(binaries() / "llama-quantize"), "--allow-requantize", str(q4), str(part), "F32"],
+        part = Path(tmp) / "out.gguf"
+        subprocess.run([str(binaries() / "llama-quantize"), "--allow-requantize", str(q4), str(part), kind],
                        check=True, stdout=subprocess.DEVNULL)
         os.replace(part, out)
     return out

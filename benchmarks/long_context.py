@@ -111,8 +111,8 @@ def bench_long(args) -> None:
 
 def llama_batched_bench(model: str, rows: int, new: int) -> float:
     """llama.cpp's decode tokens/s (S_TG) for `rows` sequences of PROMPT + `new` tokens, on as many threads."""
-    from llama_cpp import binaries, f32_gguf
-    gguf = f32_gguf(model)
+    from llama_cpp import binaries, model_gguf
+    gguf = model_gguf(model)
     threads = str(torch.get_num_threads())
     cmd = [str(binaries() / "llama-batched-bench"), "-m", str(gguf), "-c", str(rows * (PROMPT + new) + 256),
            "-b", "2048", "-ub", "512", "-npp", str(PROMPT), "-ntg", str(new), "-npl", str(rows),

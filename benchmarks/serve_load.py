@@ -58,11 +58,11 @@ def start(cmd: list[str], port: int, timeout: float = 600) -> subprocess.Popen:
     raise RuntimeError("server did not come up")
 
 
-def start_tinylora(model: str, adapters: Path, clients: int) -> tuple[subprocess.Popen, int]:
+def start_tinylora(model: str, adapters: Path, clients: int, dtype: str = "fp32") -> tuple[subprocess.Popen, int]:
     """`tinylora serve` of `model` (served as "base") and the adapters in a folder, a row per client."""
     port = free_port()
     return start([sys.executable, "-m", "tinylora", "serve", "--model", model, "--served-model-name", "base",
-                  "--adapters", str(adapters), "--port", str(port), "--max-batch", str(clients),
+                  "--adapters", str(adapters), "--port", str(port), "--max-batch", str(clients), "--dtype", dtype,
                   "--log-level", "warning"], port), port
 
 

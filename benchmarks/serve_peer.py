@@ -1,12 +1,12 @@
 """`bench.py serve --peer llama-server`: `tinylora serve` against llama.cpp's `llama-server`, side by side.
 
 Both servers run the embedded default in fp32 (llama.cpp: its GGUF requantized to F32, the same weights;
-see llama_cpp.py) on the same cores, both up for the whole run and driven one at a time by the same clients: `--clients`
-concurrent closed-loop clients streaming greedy completions of exactly N tokens (`ignore_eos`) for the default
-task's chat prompts, at N = 32 (`--requests-per-client` each) and N = 512 (one each). The workloads take
-turns, `--reps` rounds each (ABBA order within each N). Reported per workload, medians over the rounds:
-completion tok/s, p50/p99 request latency and p50 time to first token; the ratios of a round's rates, per
-round and their median.
+see llama_cpp.py), or both in bf16 with `--dtype bf16` (llama.cpp: a BF16 GGUF), on the same cores, both up
+for the whole run and driven one at a time by the same clients: `--clients` concurrent closed-loop clients
+streaming greedy completions of exactly N tokens (`ignore_eos`) for the default task's chat prompts, at N = 32
+(`--requests-per-client` each) and N = 512 (one each). The workloads take turns, `--reps` rounds each (ABBA
+order within each N). Reported per workload, medians over the rounds: completion tok/s, p50/p99 request
+latency and p50 time to first token; the ratios of a round's rates, per round and their median.
   - tinylora: the base model; a different adapter per request (of `--adapters` loaded, u=1, n_tie=16).
   - llama-server: no adapters (the plain model, `-np` = clients), at N = 32 also with its prompt cache off
     (`cache_prompt: false`: every prompt computed whole, as tinylora must with a different adapter per
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from common import table
-from llama_cpp import binaries, f32_gguf, lora_gguf
+from llama_cpp import binaries, lora_gguf, model_gguf
 from serve_load import free_port, start, start_tinylora, stop, write_adapters
 
 from tinylora.models import load_model
@@ -90,7 +90,7 @@ def bench_serve_peer(args) -> None:
     write_adapters(model, ours_dir, args.adapters, work / "peft", LLAMA_LORAS)
     del model
     loras = [lora_gguf(work / "peft" / f"a{k:04d}", args.model, work / f"lora{k}.gguf") for k in range(LLAMA_LORAS)]
-    gguf, bin_dir = f32_gguf(args.model), binaries()
+    gguf, bin_dir = model_gguf(args.model, args.dtype.upper()), binaries()
     threads = str(torch.get_num_threads())
 
     def plan(new: int, per_client: int, extra) -> list[list[dict]]:
@@ -117,7 +117,7 @@ def bench_serve_peer(args) -> None:
     # Both servers stay up (an idle one costs nothing) and take turns workload by workload, ABBA, so that the
     # machine's drift hits the runs that are compared (the same N, next to each other in time) alike.
     runs = collections.defaultdict(list)
-    ours_proc, ours_port = start_tinylora(args.model, ours_dir, clients)
+    ours_proc, ours_port = start_tinylora(args.model, ours_dir, clients, args.dtype)
     llama_port, llama_proc = free_port(), None
     llama[llama.index("--port") + 1] = str(llama_port)
     try:
@@ -145,8 +145,8 @@ def bench_serve_peer(args) -> None:
         stop(proc)
     results = {key: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for key, rs in runs.items()}
 
-    print(f"\n{args.model}, fp32 on {threads} threads (llama.cpp: F32 GGUF); {clients} concurrent streaming clients, "
-          f"greedy, exactly N new tokens per request; adapters u=1, n_tie=16\n")
+    print(f"\n{args.model}, {args.dtype} on {threads} threads (llama.cpp: {args.dtype.upper()} GGUF); "
+          f"{clients} concurrent streaming clients, greedy, exactly N new tokens per request; adapters u=1, n_tie=16\n")
     table(["server and workload", "N", "requests", "tok/s", "p50 s", "p99 s", "TTFT p50 s"],
           [[name, new, int(r["requests"]), f"{r['tok_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
             f"{r['ttft']:.2f}"]

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from tinylora.generation import weights as cpu_weights
 from tinylora.generation.batch import Rollout, eos_ids, rollout_of
+from tinylora.generation.cpu_kernels import contiguous_head, folded_decode
 from tinylora.generation.graphs import FixedStep, check_fixed_steps, warm_up
 from tinylora.generation.kv import Prefill, SlotLayer, in_slots, join_rows, shift_columns, with_cache
 from tinylora.generation.row_adapters import RowAdapters
@@ -106,7 +107,8 @@ class Engine:
             return
         self._generating = True
         try:
-            with self.weights.generating(None if self.bank is not None else self.adapter):
+            with self.weights.generating(None if self.bank is not None else self.adapter), \
+                    contiguous_head(self.model):
                 yield
         finally:
             self._generating = False
@@ -376,7 +378,8 @@ class Engine:
             self.logits = self.fixed.decode(self.cache, tok, self.mask, self.next_pos, R)  # [n, V]
             self.next_pos = self.next_pos + 1
             return
-        with self.adapters.context(self.row_R):
+        fold = folded_decode(self.model) if self.shared is None else contextlib.nullcontext()  # generate: as recorded
+        with self.adapters.context(self.row_R), fold:
             self.logits = self.model(input_ids=tok[:, None], attention_mask=self.mask,
                                      position_ids=self.next_pos[:, None],
                                      **with_cache(self.model, self.cache)).logits[:, -1]  # [n, V]
