@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.integrations import sdpa_attention
 
-from tinylora.generation import cpu_kernels as attention
+from tinylora.generation import cpu_kernels
 from tinylora.generation.engine import Engine, Sampling
 from tinylora.testing import tiny_model_and_tokenizer
 
@@ -33,8 +33,8 @@ def test_an_unmasked_decode_step_matches_attention_by_hand_and_never_asks_sdpa_f
     key, value = torch.randn(4, 2, 37, 8, generator=g), torch.randn(4, 2, 37, 8, generator=g)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or sdpa(*a, **k))
-    out, weights = attention.decode_sdpa(Grouped(), query, key, value, None, scaling=8 ** -0.5)
+    monkeypatch.setattr(cpu_kernels.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or sdpa(*a, **k))
+    out, weights = cpu_kernels.decode_sdpa(Grouped(), query, key, value, None, scaling=8 ** -0.5)
     assert weights is None and out.shape == (4, 1, 6, 8)
     torch.testing.assert_close(out, by_hand(query, key, value), rtol=1e-5, atol=1e-6)
     assert calls and not any(k.get("enable_gqa") for k in calls)
@@ -49,8 +49,8 @@ def test_prefill_and_masked_steps_are_transformers_sdpa_unchanged(monkeypatch, q
     mask[0, ..., :3] = False  # row 0 is left-padded
     delegated = []
     original = sdpa_attention.sdpa_attention_forward
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: delegated.append(1) or original(*a, **k))
-    out, _ = attention.decode_sdpa(Grouped(), query, key, value, mask if masked else None, scaling=8 ** -0.5,
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention_forward", lambda *a, **k: delegated.append(1) or original(*a, **k))
+    out, _ = cpu_kernels.decode_sdpa(Grouped(), query, key, value, mask if masked else None, scaling=8 ** -0.5,
                                    is_causal=False)
     assert delegated == [1]
     torch.testing.assert_close(out, by_hand(query, key, value, mask if masked else None), rtol=1e-5, atol=1e-6)
@@ -59,8 +59,8 @@ def test_prefill_and_masked_steps_are_transformers_sdpa_unchanged(monkeypatch, q
 def test_the_engine_decodes_through_it_and_gives_the_model_back_as_it_was(monkeypatch):
     model, tok = tiny_model_and_tokenizer()  # 4 query heads over 2 key/value heads
     calls, head_inputs = [], []
-    original = attention.decode_sdpa
-    monkeypatch.setitem(attention.ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME,
+    original = cpu_kernels.decode_sdpa
+    monkeypatch.setitem(cpu_kernels.ALL_ATTENTION_FUNCTIONS._global_mapping, cpu_kernels.NAME,
                         lambda module, query, *a, **k: calls.append(query.shape[2]) or original(module, query, *a, **k))
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_inputs.append(args[0]))
     prompts = [tok(text, add_special_tokens=False).input_ids for text in ("a b c d", "d c b a")]  # equal lengths
@@ -80,7 +80,7 @@ def test_the_engine_decodes_through_it_and_gives_the_model_back_as_it_was(monkey
 def test_generate_keeps_the_attention_its_recorded_results_were_computed_with(monkeypatch):
     model, tok = tiny_model_and_tokenizer()
     calls = []
-    monkeypatch.setitem(attention.ALL_ATTENTION_FUNCTIONS._global_mapping, attention.NAME,
-                        lambda *a, **k: calls.append(1) or attention.decode_sdpa(*a, **k))
+    monkeypatch.setitem(cpu_kernels.ALL_ATTENTION_FUNCTIONS._global_mapping, cpu_kernels.NAME,
+                        lambda *a, **k: calls.append(1) or cpu_kernels.decode_sdpa(*a, **k))
     Engine(model, tok).generate(["a b c d", "d c b a"], max_new_tokens=4, greedy=True)  # equal lengths: no mask
     assert calls == [] and model.config._attn_implementation == "sdpa"
